@@ -27,6 +27,7 @@ for _path in (_ROOT, _MODULE_DIR):
 
 # Slicer self-tests import qt and ScriptedLoadableModule: never collect them.
 collect_ignore = ["Python"]
+pytest_plugins = ["fixtures_data"]
 
 
 def slicer_core():
