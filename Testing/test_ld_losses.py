@@ -1,0 +1,293 @@
+"""Known-answer tests of LD's loss terms, patch pooling and views (AnatSSLLib/methods/ld.py).
+
+Each case is built by hand and its answer worked out in the test (METHODS.md 2.8 KAT).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from AnatSSLLib.errors import InputError
+from AnatSSLLib.methods.ld import (
+    LDLoss,
+    LDViews,
+    apply_flip_rot90,
+    area_balance_loss,
+    average_patches,
+    centre_weighted_patches,
+    cluster_centres,
+    entropy_loss,
+    gaussian_pool_at,
+    gaussian_smooth_embedding,
+    make_ld_batch,
+    mixup_loss,
+    patch_discrimination_loss,
+    pixel_region_loss,
+    region_discrimination_loss,
+    region_embeddings,
+    undo_flip_rot90,
+)
+
+TAU = 0.1
+TAU_R = 0.2
+
+
+def _eye(n: int, d: int | None = None) -> torch.Tensor:
+    return torch.eye(n, d or n, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------- PD criterion
+
+
+def test_pd_loss_orthogonal_embeddings():
+    # 4 mutually orthogonal unit vectors, pairs (0,2), (1,3): every off-diagonal dot is 0, so
+    # P(k|i) = 1/3 for each of the 3 other rows; L = -[log(1/3) + 2 log(1 - 1/3)].
+    f = _eye(4)
+    pair = torch.tensor([2, 3, 0, 1])
+    expected = math.log(3) - 2 * math.log(2 / 3)
+    assert patch_discrimination_loss(f, pair, TAU).item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_pd_loss_identical_pairs_orthogonal_negatives():
+    # f = [e1, e2, e1, e2], pairs (0,2), (1,3): positive dot 1, the two negatives dot 0.
+    # P(pos|i) = e^{10} / (e^{10} + 2), P(neg|i) = 1 / (e^{10} + 2).
+    f = torch.stack([_eye(2)[0], _eye(2)[1], _eye(2)[0], _eye(2)[1]])
+    pair = torch.tensor([2, 3, 0, 1])
+    z = math.exp(1 / TAU) + 2
+    expected = -(math.log(math.exp(1 / TAU) / z) + 2 * math.log(1 - 1 / z))
+    assert patch_discrimination_loss(f, pair, TAU).item() == pytest.approx(expected, rel=1e-9)
+    # the aligned case is better than the orthogonal one
+    assert expected < math.log(3) - 2 * math.log(2 / 3)
+
+
+def test_pd_loss_gradient_and_bad_pairs():
+    f = torch.nn.functional.normalize(torch.randn(6, 3, dtype=torch.float64), dim=1).requires_grad_()
+    pair = torch.tensor([3, 4, 5, 0, 1, 2])
+    patch_discrimination_loss(f, pair, TAU, detach_keys=False).backward()
+    assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+    with pytest.raises(InputError):
+        patch_discrimination_loss(f.detach(), torch.tensor([0, 4, 5, 0, 1, 2]), TAU)  # i paired with itself
+
+
+def test_mixup_loss_lam_one_equals_pd_against_a():
+    g = torch.Generator().manual_seed(1)
+    f_mix, f_a, f_b = (torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1) for _ in range(3))
+    pair = torch.tensor([5, 6, 7, 8, 9, 0, 1, 2, 3, 4])
+    expected = patch_discrimination_loss(torch.cat([f_mix, f_a]), pair, TAU)
+    assert mixup_loss(f_mix, f_a, f_b, 1.0, TAU).item() == pytest.approx(expected.item(), rel=1e-9)  # 1e-10 in the normalisation
+    # lam = 0 pairs with B; per-patch lam tensors work too
+    expected_b = patch_discrimination_loss(torch.cat([f_mix, f_b]), pair, TAU)
+    assert mixup_loss(f_mix, f_a, f_b, torch.zeros(5, dtype=torch.float64), TAU).item() == pytest.approx(expected_b.item(), rel=1e-9)
+
+
+def test_mixup_target_is_detached():
+    f_mix = torch.nn.functional.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    f_a = torch.nn.functional.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1).requires_grad_()
+    f_b = torch.nn.functional.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1).requires_grad_()
+    loss = mixup_loss(f_mix.requires_grad_(), f_a, f_b, 0.5, TAU)
+    loss.backward()
+    assert f_a.grad is None and f_b.grad is None and f_mix.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- region terms
+
+
+def test_region_discrimination_log_k_when_r_orthogonal_to_c():
+    # D = 4, K = 2: centres e1, e2; every region embedding in span(e3, e4) -> all logits 0,
+    # softmax over K is uniform, L_RD = log K exactly (whatever tau_r).
+    c = _eye(4)[:2]
+    r = torch.nn.functional.normalize(torch.tensor([[[0, 0, 1, 2], [0, 0, 3, -1]], [[0, 0, -1, 1], [0, 0, 0, 1]], [[0, 0, 1, 0], [0, 0, 5, 5]]], dtype=torch.float64), dim=2)
+    assert region_discrimination_loss(r, c, TAU_R).item() == pytest.approx(math.log(2), abs=1e-12)
+    k8 = _eye(16)[:8]
+    r8 = _eye(16)[8:].unsqueeze(0).repeat(2, 1, 1)  # 2 images, K = 8 regions, all orthogonal to c
+    assert region_discrimination_loss(r8, k8, TAU_R).item() == pytest.approx(math.log(8), abs=1e-12)
+
+
+def test_region_discrimination_perfect_clusters():
+    # r_{n,k} = c_k, centres orthonormal: P(k) = e^{1/tau} / (e^{1/tau} + (K-1)).
+    k = 4
+    c = _eye(k)
+    r = c.unsqueeze(0).repeat(3, 1, 1)
+    expected = math.log(1 + (k - 1) * math.exp(-1 / TAU_R))
+    assert region_discrimination_loss(r, c, TAU_R).item() == pytest.approx(expected, rel=1e-10)
+    assert torch.allclose(cluster_centres(r), c)
+
+
+def test_cluster_centres_normalised_mean():
+    r = torch.stack([_eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)])
+    s = 1 / math.sqrt(2)
+    assert torch.allclose(cluster_centres(r), torch.tensor([[s, s], [s, s]], dtype=torch.float64))
+
+
+def test_region_embeddings_hard_assignment():
+    # 1 image 2x3, D = 2, K = 2: left column region 0, the rest region 1.
+    e = torch.tensor([[[1.0, 0.0, 0.0], [0.6, 0.0, 1.0]], [[0.0, 1.0, 1.0], [0.8, 1.0, 0.0]]], dtype=torch.float64).unsqueeze(0)
+    e = e / e.norm(dim=1, keepdim=True)
+    a = torch.zeros(1, 2, 2, 3, dtype=torch.float64)
+    a[0, 0, :, 0] = 1
+    a[0, 1, :, 1:] = 1
+    r = region_embeddings(e, a)
+    # region 0 pixels: (1, 0), (0.6, 0.8) -> mean (0.8, 0.4) -> normalised (2, 1)/sqrt(5)
+    assert torch.allclose(r[0, 0], torch.tensor([2.0, 1.0], dtype=torch.float64) / math.sqrt(5))
+    # region 1 pixels: (0,1), (0,1), (0,1), (1,0) -> mean (0.25, 0.75) -> (1, 3)/sqrt(10)
+    assert torch.allclose(r[0, 1], torch.tensor([1.0, 3.0], dtype=torch.float64) / math.sqrt(10))
+
+
+def test_entropy_one_hot_zero_uniform_half_one_bit():
+    one_hot = torch.zeros(2, 4, 3, 3)
+    one_hot[:, 1] = 1
+    assert entropy_loss(one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    half = torch.full((2, 2, 4, 4, 4), 0.5)
+    assert entropy_loss(half).item() == pytest.approx(1.0, abs=1e-7)
+    # a = 1/4: H = -(1/4 log2 1/4 + 3/4 log2 3/4) = 2 - (3/4) log2 3
+    q = torch.full((1, 4, 2, 2), 0.25, dtype=torch.float64)
+    assert entropy_loss(q).item() == pytest.approx(2 - 0.75 * math.log2(3), rel=1e-12)
+
+
+def test_area_balance_loss():
+    uniform = torch.full((2, 4, 4, 4), 0.25)
+    assert area_balance_loss(uniform).item() == pytest.approx(0.0, abs=1e-12)
+    # all mass in cluster 0 (K = 2): areas (1, 0), target 1/2 -> ((1/2)^2 + (1/2)^2) / 2 = 1/4
+    a = torch.zeros(1, 2, 3, 3)
+    a[:, 0] = 1
+    assert area_balance_loss(a).item() == pytest.approx(0.25)
+
+
+def test_pixel_region_loss_log_k_when_orthogonal():
+    e = torch.zeros(1, 4, 2, 2, dtype=torch.float64)
+    e[:, 3] = 1  # every pixel e4
+    r = _eye(4)[:3].unsqueeze(0)  # K = 3 regions e1..e3, orthogonal to every pixel
+    a = torch.softmax(torch.randn(1, 3, 2, 2, dtype=torch.float64), dim=1)
+    assert pixel_region_loss(e, a, r, TAU_R).item() == pytest.approx(math.log(3), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def test_wc_averaging_constant_field_returns_it():
+    v = torch.tensor([3.0, -4.0, 0.0], dtype=torch.float64) / 5
+    e2 = v.view(1, 3, 1, 1).expand(2, 3, 32, 32).contiguous()
+    p = centre_weighted_patches(e2, grid=4)
+    assert p.shape == (2, 16, 3) and torch.allclose(p, v.expand(2, 16, 3))
+    assert torch.allclose(average_patches(e2, 4), v.expand(2, 16, 3))
+    assert torch.allclose(gaussian_smooth_embedding(e2, 3.0), e2)  # borders included
+    e3 = v.view(1, 3, 1, 1, 1).expand(1, 3, 16, 16, 16).contiguous()
+    assert torch.allclose(centre_weighted_patches(e3, grid=2, sigma=5.0), v.expand(1, 8, 3))
+    assert torch.allclose(gaussian_smooth_embedding(e3, (1.0, 2.0, 6.0)), e3)
+    corner = gaussian_pool_at(e3, torch.tensor([[0.0, 0.0, 0.0], [15.0, 2.5, 7.2]]), 4.0)
+    assert torch.allclose(corner, v.expand(1, 2, 3))
+
+
+def test_wc_is_centre_sensitive_and_matches_smoothing():
+    # a field equal to e1 in one voxel column and e2 elsewhere: the patch whose centre is near
+    # it weights it more than uniform pooling does.
+    e = torch.zeros(1, 2, 16, 16, dtype=torch.float64)
+    e[:, 1] = 1
+    e[0, :, 3:5, 3:5] = torch.tensor([1.0, 0.0], dtype=torch.float64).view(2, 1, 1)  # at patch (0,0)'s centre 3.5
+    wc = centre_weighted_patches(e, grid=2)  # sigma = 8/4 = 2
+    avg = average_patches(e, grid=2)
+    assert wc[0, 0, 0] > avg[0, 0, 0] > 0 and wc[0, 1, 0] < 1e-3
+    # the grid pooling is gaussian_pool_at at the patch centres (8/2 - 0.5 + 8 * g)
+    centres = torch.tensor([[3.5, 3.5], [3.5, 11.5], [11.5, 3.5], [11.5, 11.5]])
+    assert torch.allclose(wc, gaussian_pool_at(e, centres, 2.0), atol=1e-12)
+    # smoothing at integer voxels equals pooling at those points (same truncated kernel)
+    s = gaussian_smooth_embedding(e, 1.5)
+    pts = torch.tensor([[0.0, 0.0], [3.0, 4.0], [15.0, 7.0]])
+    pooled = gaussian_pool_at(e, pts, 1.5)
+    for n, (i, j) in enumerate(pts.long().tolist()):
+        assert torch.allclose(pooled[0, n], s[0, :, i, j], atol=1e-12)
+
+
+# --------------------------------------------------------------------------- views
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_undo_flip_rot90_restores_patch_correspondence(d):
+    g = torch.Generator().manual_seed(d)
+    shape = (8,) * d
+    combos = list(itertools.product(*[(False, True)] * d, range(4)))
+    n = len(combos)
+    x = torch.randn(n, 3, *shape, generator=g, dtype=torch.float64)
+    flips = torch.tensor([c[:d] for c in combos])
+    k = torch.tensor([c[d] for c in combos])
+    y = apply_flip_rot90(x, flips, k)
+    assert torch.equal(undo_flip_rot90(y, flips, k), x)  # exact on the full map
+    grid = 4
+    for pool in (average_patches, centre_weighted_patches):
+        want = pool(x, grid)  # patches of the untransformed map, row-major grid
+        got = pool(y, grid)   # patches of the transformed view ...
+        got = got.transpose(1, 2).reshape(n, 3, *(grid,) * d)
+        got = undo_flip_rot90(got, flips, k).reshape(n, 3, -1).transpose(1, 2)  # ... un-done on the grid
+        assert torch.allclose(got, want, atol=1e-12)
+    # and a non-trivial transform really moves cells
+    assert not torch.allclose(average_patches(y, grid)[1:], average_patches(x, grid)[1:])
+
+
+def test_make_ld_batch_identity_settings_give_exact_views():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    v = make_ld_batch(
+        x, torch.Generator().manual_seed(3), rotate_deg=(0.0,), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+        view_rotate_deg=0.0, brightness=0.0, contrast=0.0, gamma=(1.0, 1.0),
+    )
+    assert v.images.shape == (10, 1, 16, 16) and v.lam.shape == (2,)
+    a1, b1, a2, b2, m = v.images.split(2)
+    # the shared flip is the same for both views: undoing view 2's flip/rot90 gives view 1
+    assert torch.allclose(undo_flip_rot90(torch.cat([a2, b2]), v.flips, v.rot90_k), torch.cat([a1, b1]), atol=1e-5)
+    # each view is the input up to the shared flip
+    for i in range(4):
+        view = torch.cat([a1, b1])[i]
+        assert any(torch.allclose(view, torch.flip(x[i], dims=dims), atol=1e-5) for dims in [(), (1,), (2,), (1, 2)])
+    lam = v.lam.view(2, 1, 1, 1)
+    assert torch.allclose(m, lam * a1 + (1 - lam) * b1, atol=1e-6)
+    assert bool(((v.lam >= 0.2) & (v.lam <= 0.8)).all())
+
+
+def test_make_ld_batch_3d_and_reproducible():
+    x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 100
+    v1 = make_ld_batch(x, torch.Generator().manual_seed(7))
+    v2 = make_ld_batch(x, torch.Generator().manual_seed(7))
+    assert v1.images.shape == (5, 1, 16, 16, 16) and v1.flips.shape == (2, 3)
+    assert torch.equal(v1.images, v2.images)
+    assert float(v1.images.min()) >= float(x.min()) - 1e-4 and float(v1.images.max()) <= float(x.max()) + 1e-4
+    with pytest.raises(InputError):
+        make_ld_batch(torch.rand(3, 1, 16, 16))  # odd number of images
+
+
+def test_ld_loss_terms_and_weights():
+    g = torch.Generator().manual_seed(0)
+    v = make_ld_batch(torch.rand(4, 1, 16, 16, generator=g), g)
+    e = torch.nn.functional.normalize(torch.randn(10, 8, 16, 16, generator=g), dim=1)
+    a = torch.softmax(torch.randn(10, 4, 16, 16, generator=g), dim=1)
+    total_pd, t_pd = LDLoss("pd", grid=4)(e, a, v)
+    assert set(t_pd) == {"pd", "mix"}
+    assert total_pd.item() == pytest.approx((t_pd["pd"] + t_pd["mix"]).item(), rel=1e-6)
+    total, t = LDLoss("ld", grid=4)(e, a, v.as_dict())
+    assert {"pd", "mix", "rd", "ent", "area"} <= set(t)
+    want = t["pd"] + t["mix"] + 10 * t["rd"] + 0.1 * t["ent"]
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(InputError):
+        LDLoss("xyz")
+    assert isinstance(LDViews.from_any(v.as_dict()), LDViews)
+
+
+def test_ld_loss_rewards_aligned_views():
+    # A "model" whose embedding follows the image content: with view 2 an exact flip/rot90 of
+    # view 1, undoing it makes positives identical, so L_PD is lower than with view 2 shuffled.
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    v = make_ld_batch(
+        x, g, rotate_deg=(0.0,), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), view_rotate_deg=0.0,
+        brightness=0.0, contrast=0.0, gamma=(1.0, 1.0),
+    )
+    proj = torch.randn(8, 1, 3, 3, generator=g)
+    e = torch.nn.functional.normalize(torch.nn.functional.conv2d(v.images, proj, padding=1), dim=1)
+    loss = LDLoss("pd", grid=4, pooling="average")
+    _, aligned = loss(e, None, v)
+    wrong = LDViews(v.images, v.lam, v.flips, (v.rot90_k + 1) % 4)
+    _, misaligned = loss(e, None, wrong)
+    assert aligned["pd"] < misaligned["pd"]
