@@ -818,6 +818,18 @@ def ld_training_step(
 # ------------------------------------------------------------------------------------------- task
 
 
+def _split_contrast_views(views: LDViews) -> LDViews:
+    """From views of 2-channel images (two co-registered contrasts), keep channel 0 for
+    ``[A1, B1, M]`` and channel 1 for ``[A2, B2]`` (one channel each)."""
+    if views.images.shape[1] != 2:
+        raise InputError(f"paired contrasts: expected 2-channel crops, got {views.images.shape[1]} channels")
+    b = views.batch_size
+    first = views.images[:, :1]
+    second = views.images[:, 1:]
+    images = torch.cat([first[: 2 * b], second[2 * b : 4 * b], first[4 * b :]])
+    return LDViews(images, views.lam, views.flips, views.rot90_k)
+
+
 class LDTask:
     """LD as a task for :func:`AnatSSLLib.engine.train`.
 
@@ -837,8 +849,15 @@ class LDTask:
         num_clusters: K (paper 16; scale-down 8). embedding_dim: D (32). in_channels, features:
             see :class:`~AnatSSLLib.networks.LDNet`.
         sampler: the crop source for :meth:`make_batch` (optional if you only call ``loss``).
+        paired_contrasts: the sampler returns two co-registered contrasts per crop (``C = 2``);
+            view 1 (A1, B1 and the mixup) is made from the first, view 2 (A2, B2) from the second.
+            Our extension for multi-contrast MRI, not in the paper (whose data are one modality):
+            another contrast of the same anatomy is a stronger photometric augmentation than
+            intensity jitter, and it is what makes T1 and T2 embeddings of one place agree.
         augment: extra keyword arguments for :func:`make_ld_batch`.
         manifest: extra manifest fields (``spacing``, ``intensity``, ``data_fingerprint``, ...).
+        init_state: weights to start from (stage "ld" starts from the trained stage "pd" network,
+            whose cluster head never received a gradient, so it starts fresh).
     """
 
     method = "ld"
@@ -863,9 +882,13 @@ class LDTask:
         sampler: Callable[[torch.Generator, int], Tensor] | None = None,
         augment: Mapping[str, Any] | None = None,
         manifest: Mapping[str, Any] | None = None,
+        paired_contrasts: bool = False,
+        init_state: Mapping[str, Tensor] | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise InputError(f"LDTask spatial_dims: expected 2 or 3, got {spatial_dims!r}")
+        self.paired_contrasts = bool(paired_contrasts)
+        self.init_state = init_state
         self.spatial_dims = int(spatial_dims)
         self.stage = _enum(Stage, stage, "LDTask stage")
         self.model_params: dict[str, Any] = {
@@ -893,7 +916,10 @@ class LDTask:
         """A fresh :class:`~AnatSSLLib.networks.LDNet` built through the registry."""
         from ..networks import build_network
 
-        return build_network(self.architecture, self.model_params)
+        model = build_network(self.architecture, self.model_params)
+        if self.init_state is not None:
+            model.load_state_dict(self.init_state)
+        return model
 
     def make_views(self, images: Tensor, generator: torch.Generator | None = None) -> LDViews:
         """:func:`make_ld_batch` with this task's augmentation settings."""
@@ -909,6 +935,8 @@ class LDTask:
 
         images = self.sampler(generator, 2 * int(batch_size))
         views = self.make_views(images, generator)
+        if self.paired_contrasts:
+            views = _split_contrast_views(views)
         return views.rows(batch_shard(int(batch_size), rank, world_size)).as_dict()
 
     def loss(self, model: nn.Module, batch: LDViews | Mapping[str, Tensor] | Tensor) -> tuple[Tensor, dict[str, float]]:

@@ -1,0 +1,113 @@
+"""``anatssl pretrain``: train an encoder without labels and put it in the encoder cache.
+
+Run the same command again after a kill or a cancel to resume from the last checkpoint. On
+several GPUs or nodes, launch it with ``torchrun --nproc_per_node=N -m AnatSSLLib.cli pretrain ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import InputError
+from .cache_cmd import add_cache_option, cache_from_args
+
+__all__ = ["add_parser", "run"]
+
+METHODS = ("ld",)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain an encoder without labels (LD 3D)",
+        description=(
+            "Self-supervised pretraining. Data: volume files or folders (--data), or a population "
+            "folder from `anatssl data synth` (--population; its co-registered contrasts of each "
+            "subject become paired views). Progress, checkpoints and resume are automatic; "
+            "SIGTERM/SIGINT or touching --cancel-file stops after the current step with a checkpoint."
+        ),
+    )
+    p.add_argument("--method", choices=METHODS, default="ld", help="pretraining method (default ld)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", nargs="+", metavar="PATH", help="volume files or folders (searched recursively)")
+    src.add_argument("--population", metavar="DIR", help="a population folder from `anatssl data synth`")
+    p.add_argument("--pattern", help="file-name glob for --data folders, e.g. 't1.nii.gz'")
+    p.add_argument("--contrasts", default="t1,t2", help="population contrasts to train on (default t1,t2)")
+    p.add_argument("--pd-steps", type=int, default=300, help="patch-discrimination warm-up steps (default 300)")
+    p.add_argument("--ld-steps", type=int, default=1200, help="region-discrimination steps (default 1200)")
+    p.add_argument("--batch-size", type=int, default=2, help="image pairs per step (default 2)")
+    p.add_argument("--crop", type=int, default=48, help="crop edge in voxels, a multiple of 16 (default 48)")
+    p.add_argument("--spacing", type=float, default=2.0, help="training voxel size in mm (default 2)")
+    p.add_argument("--clusters", type=int, default=8, help="number of clusters K (default 8)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, halved every --lr-halve-every)")
+    p.add_argument("--lr-halve-every", type=int, default=500)
+    p.add_argument("--no-paired-contrasts", action="store_true", help="do not pair co-registered contrasts as views")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--name", help="label of the cache entry")
+    p.add_argument("--run-dir", help="checkpoint folder (default: derived from the settings and data, under the user cache)")
+    p.add_argument("--progress", choices=("tqdm", "jsonl", "none"), default="tqdm",
+                   help="progress display: a bar, JSON lines on stdout (for the Slicer module), or none")
+    p.add_argument("--cancel-file", help="stop (with a checkpoint) when this file appears")
+    add_cache_option(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def _subjects(args: argparse.Namespace) -> list:
+    if args.population:
+        from ..data.population import load_population
+
+        pop = load_population(args.population)
+        wanted = [c.strip() for c in args.contrasts.split(",") if c.strip()]
+        subjects = []
+        for s in pop.subjects:
+            have = [c for c in wanted if c in s.contrasts]
+            if not have:
+                raise InputError(f"{s.name}: none of the contrasts {wanted} (it has {list(s.contrasts)})")
+            subjects.append([s.image(c) for c in have])
+        return subjects
+    from ..datasets import find_volumes
+
+    return [str(p) for p in find_volumes(args.data, args.pattern)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import CancelToken
+    from ..pretraining import LDPretrainSettings, pretrain_ld
+    from ..progress import make_progress
+
+    settings = LDPretrainSettings(
+        pd_steps=args.pd_steps, ld_steps=args.ld_steps, batch_size=args.batch_size, crop_size=args.crop,
+        spacing_mm=args.spacing, num_clusters=args.clusters, lr=args.lr, lr_halve_every=args.lr_halve_every,
+        paired_contrasts=not args.no_paired_contrasts, seed=args.seed, device=args.device,
+    )
+    sinks: dict = {}
+
+    def progress(event: dict) -> None:
+        stage = event.get("stage", "")
+        if stage not in sinks:
+            sinks[stage] = make_progress(args.progress, desc=f"{args.method} {stage}".strip())
+        if sinks[stage] is not None:
+            sinks[stage](event)
+
+    token = CancelToken(args.cancel_file)
+    with token.handle_signals():
+        result = pretrain_ld(_subjects(args), settings, cache=cache_from_args(args), name=args.name,
+                             run_dir=args.run_dir, progress=progress, cancel=token)
+    summary = {
+        "encoder_id": result.encoder_id, "cancelled": result.cancelled, "steps": result.steps_done,
+        "final_loss": result.final_loss, "seconds": round(result.seconds + result.metrics.get("pd_seconds", 0.0), 1),
+        "samples_per_second": round(result.samples_per_second, 3), "peak_memory_mb": round(result.peak_memory_bytes / 2**20, 1),
+        "checkpoint": result.checkpoint,
+    }
+    if args.progress == "jsonl":
+        print(json.dumps({"event": "summary", **summary}), flush=True)
+    else:
+        print(json.dumps(summary, indent=1))
+    if result.cancelled:
+        print("pretraining cancelled; run the same command again to resume", file=sys.stderr)
+        return 3
+    return 0

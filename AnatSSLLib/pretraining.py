@@ -1,0 +1,142 @@
+"""Pretraining runs: data, method task and engine put together, one function per method.
+
+Each function reads the training volumes once (:class:`~AnatSSLLib.datasets.VolumeCrops`),
+builds the method's task and runs the shared engine (:func:`AnatSSLLib.engine.train`) with a
+checkpoint folder named after the run's settings and data, so that running the same command
+again after a kill or a cancel resumes where it stopped. The trained encoder goes into the
+encoder cache with its manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import InputError
+
+__all__ = ["LDPretrainSettings", "pretrain_ld", "default_run_dir"]
+
+
+def default_run_dir() -> Path:
+    """Where checkpoints of pretraining runs go: ``$ANATSSL_RUNS`` or ``<user cache>/anatssl/runs``."""
+    if os.environ.get("ANATSSL_RUNS"):
+        return Path(os.environ["ANATSSL_RUNS"])
+    from .cache import default_cache_dir
+
+    return default_cache_dir().parent / "runs"
+
+
+@dataclasses.dataclass
+class LDPretrainSettings:
+    """Settings of a 3D LD pretraining run (CPU scale-down of METHODS.md 2.8 by default).
+
+    The paper trains patch discrimination (stage "pd") first, then region discrimination with
+    clustering (stage "ld") from it; both stages keep the paper's losses and weights.
+    ``paired_contrasts`` uses co-registered contrasts of a subject as the two photometric views
+    (our extension, see :class:`~AnatSSLLib.methods.ld.LDTask`).
+    """
+
+    pd_steps: int = 300
+    ld_steps: int = 1200
+    batch_size: int = 2
+    crop_size: int = 48
+    spacing_mm: float = 2.0
+    grid: int = 4
+    num_clusters: int = 8
+    embedding_dim: int = 32
+    features: Sequence[int] | None = None
+    lr: float = 1e-3
+    lr_halve_every: int = 500
+    paired_contrasts: bool = True
+    seed: int = 0
+    checkpoint_every: int = 50
+    device: str = "auto"
+
+    def key(self, data_fingerprint: str) -> str:
+        blob = json.dumps({**dataclasses.asdict(self), "device": None, "data": data_fingerprint}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pretrain_ld(
+    subjects: Sequence[Any],
+    settings: LDPretrainSettings | None = None,
+    *,
+    cache=None,
+    name: str | None = None,
+    run_dir: str | os.PathLike | None = None,
+    progress: Callable[[dict], None] | None = None,
+    cancel=None,
+):
+    """Pretrain a 3D LD encoder on ``subjects`` and save it into ``cache``.
+
+    Args:
+        subjects: images or paths; an entry may be a list of co-registered contrasts of one subject.
+        settings: :class:`LDPretrainSettings`.
+        cache: :class:`~AnatSSLLib.cache.EncoderCache` (default: the user cache).
+        name: label of the cache entry.
+        run_dir: checkpoint folder (default: ``default_run_dir()/ld-<key>``).
+        progress, cancel: as for :func:`AnatSSLLib.engine.train`; the events carry ``"stage"``.
+
+    Returns:
+        The :class:`~AnatSSLLib.engine.TrainingResult` of the last stage (``encoder_id`` set when
+        it finished), with ``metrics["pd_seconds"]`` added.
+    """
+    from .cache import EncoderCache
+    from .datasets import VolumeCrops
+    from .encoders import DEFAULT_INTENSITY
+    from .engine import TrainingConfig, checkpoint_path, load_checkpoint, train
+    from .methods.ld import LDTask
+
+    settings = settings or LDPretrainSettings()
+    if settings.pd_steps < 0 or settings.ld_steps < 1:
+        raise InputError(f"LD pretraining needs pd_steps >= 0 and ld_steps >= 1, got {settings.pd_steps} and {settings.ld_steps}")
+    spacing = (settings.spacing_mm,) * 3
+    data = VolumeCrops(subjects, spacing=spacing, crop_size=settings.crop_size, intensity=DEFAULT_INTENSITY)
+    paired = settings.paired_contrasts and data.max_contrasts > 1
+    channels = 2 if paired else 1
+    run = Path(run_dir) if run_dir is not None else default_run_dir() / f"ld-{settings.key(data.data_fingerprint)}"
+    manifest = {
+        "spacing": list(spacing),
+        "intensity": dict(DEFAULT_INTENSITY),
+        "data_fingerprint": data.data_fingerprint,
+        "description": (
+            f"3D LD encoder: {settings.pd_steps} PD + {settings.ld_steps} LD steps on {len(data)} subjects, "
+            f"{settings.crop_size}^3 crops at {settings.spacing_mm} mm" + (", paired contrasts" if paired else "")
+        ),
+    }
+    common = dict(
+        spatial_dims=3, grid=settings.grid, num_clusters=settings.num_clusters, embedding_dim=settings.embedding_dim,
+        features=settings.features, sampler=data.torch_sampler(channels), paired_contrasts=paired, manifest=manifest,
+    )
+
+    def config(steps: int, folder: str) -> TrainingConfig:
+        return TrainingConfig(
+            steps=steps, batch_size=settings.batch_size, lr=settings.lr, optimizer="adam", schedule="step",
+            step_size=settings.lr_halve_every, gamma=0.5, seed=settings.seed, checkpoint_every=settings.checkpoint_every,
+            checkpoint_dir=str(run / folder), device=settings.device, log_every=10,
+        )
+
+    def tagged(stage: str):
+        if progress is None:
+            return None
+        return lambda event: progress({**event, "stage": stage})
+
+    pd_seconds = 0.0
+    init = None
+    if settings.pd_steps:
+        pd = train(LDTask(stage="pd", **common), config(settings.pd_steps, "pd"), progress=tagged("pd"), cancel=cancel)
+        pd_seconds = pd.seconds
+        if pd.cancelled:
+            return pd
+        init = load_checkpoint(checkpoint_path(run / "pd"))["model"]
+    cache = cache if cache is not None else EncoderCache()
+    result = train(
+        LDTask(stage="ld", init_state=init, **common), config(settings.ld_steps, "ld"),
+        progress=tagged("ld"), cancel=cancel, cache=cache, name=name,
+    )
+    result.metrics["pd_seconds"] = pd_seconds
+    return result
