@@ -43,10 +43,10 @@ class LDPretrainSettings:
     pd_steps: int = 300
     ld_steps: int = 1200
     batch_size: int = 2
-    crop_size: int = 48
+    crop_size: int = 32
     spacing_mm: float = 2.0
     grid: int = 4
-    num_clusters: int = 8
+    num_clusters: int = 16
     embedding_dim: int = 32
     features: Sequence[int] | None = None
     lr: float = 1e-3

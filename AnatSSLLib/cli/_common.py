@@ -1,0 +1,37 @@
+"""Options and helpers shared by the verbs that run an encoder."""
+
+from __future__ import annotations
+
+import argparse
+
+from .cache_cmd import add_cache_option, cache_from_args
+
+__all__ = ["add_encoder_options", "encoder_from_args", "parse_point"]
+
+
+def add_encoder_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """``--encoder ID``, ``--device`` and ``--cache-dir``."""
+    parser.add_argument(
+        "--encoder", metavar="ID", required=required,
+        help="cached encoder id, unique prefix or name" + ("" if required else " (default: the bundled default encoder)"),
+    )
+    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default: auto)")
+    add_cache_option(parser)
+
+
+def encoder_from_args(args: argparse.Namespace):
+    """The :class:`~AnatSSLLib.encoders.LoadedEncoder` the options name."""
+    from ..encoders import load_encoder
+
+    return load_encoder(args.encoder, cache=cache_from_args(args), device=args.device)
+
+
+def parse_point(text: str) -> tuple[float, float, float]:
+    """``"x,y,z"`` (mm) -> a tuple; argparse type."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected a point as X,Y,Z in mm, got {text!r}")
+    return values

@@ -1,0 +1,75 @@
+"""``anatssl landmarks``: find the reference volume's labelled points in target volumes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import InputError
+from ._common import add_encoder_options, encoder_from_args
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "landmarks",
+        help="one-shot landmark localisation: propagate labelled points to other volumes",
+        description=(
+            "Centre-sensitive embedding matching (LD). Writes one Slicer markups file per target, "
+            "<target name>.mrk.json, with the reference labels and a confidence per point."
+        ),
+    )
+    p.add_argument("--reference", required=True, metavar="IMG", help="volume the points were placed on")
+    p.add_argument("--points", required=True, metavar="MARKUPS", help=".mrk.json, .fcsv or .csv points on the reference")
+    p.add_argument("--targets", required=True, nargs="+", metavar="IMG", help="volumes to find the points in")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--sigmas", default="8,4,2", help="centre-weighting widths in mm, coarse to fine (default 8,4,2)")
+    p.add_argument("--search-radius", type=float, default=12.0, help="how far a finer scale may move (mm, default 12)")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="report points below this confidence as uncertain")
+    add_encoder_options(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def _stem(path: str) -> str:
+    p = Path(path)
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{p.parent.name}_{name}" if p.parent.name else name
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..embedding import EmbeddingStore
+    from ..image import read_image
+    from ..points import read_points, write_points
+    from ..tools.landmarks import LandmarkLocator
+
+    try:
+        sigmas = tuple(float(s) for s in args.sigmas.split(","))
+    except ValueError:
+        raise InputError(f"--sigmas: expected comma-separated mm values, got {args.sigmas!r}") from None
+    encoder = encoder_from_args(args)
+    if encoder.spatial_dims != 3:
+        raise InputError(f"encoder {encoder.encoder_id} is {encoder.spatial_dims}D; landmarks need a 3D encoder")
+    reference = read_image(args.reference)
+    points = read_points(args.points)
+    stems = [_stem(t) for t in args.targets]
+    if len(set(stems)) != len(stems):
+        raise InputError("two targets would write the same output file; give targets with distinct names")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    locator = LandmarkLocator(EmbeddingStore(encoder), sigmas_mm=sigmas, search_radius_mm=args.search_radius)
+    for path, stem in tqdm(list(zip(args.targets, stems)), desc="landmarks", unit="target"):
+        target = read_image(path)
+        found = locator.locate(reference, points, [target])[0]
+        write_points(found, out / f"{stem}.mrk.json")
+        low = [lab for lab, c in zip(found.labels, found.confidence) if c < args.min_confidence]
+        note = f"; uncertain: {', '.join(low)}" if low else ""
+        print(f"{stem}: {len(found)} points, median confidence {sorted(found.confidence)[len(found) // 2]:.3f}{note}")
+    return 0

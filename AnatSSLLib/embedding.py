@@ -1,0 +1,167 @@
+"""Dense embeddings of whole volumes, computed once and kept for the session.
+
+:class:`EmbeddingStore` runs an encoder over a volume by sliding window (MONAI's
+``sliding_window_inference``, so memory is bounded by the window, not the volume), keeps the
+per-voxel embedding of each volume it has seen, and the centre-weighted (Gaussian-smoothed)
+versions the landmark and search tools ask for. A second query on the same volumes reuses all
+of it, which is what makes a second click cost milliseconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Callable
+
+import numpy as np
+
+from .encoders import LoadedEncoder, prepare_volume
+from .image import Image
+
+__all__ = ["EmbeddedVolume", "EmbeddingStore", "gaussian_smooth", "volume_key"]
+
+
+def volume_key(image: Image) -> str:
+    """A content key for ``image``: voxel bytes and geometry (so an edited volume is re-embedded)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(image.array).tobytes())
+    h.update(np.asarray(image.spacing + image.origin, dtype=np.float64).tobytes())
+    h.update(np.asarray(image.direction, dtype=np.float64).tobytes())
+    h.update(str(image.array.dtype).encode())
+    return h.hexdigest()
+
+
+def gaussian_smooth(features, sigma_vox: tuple[float, ...]):
+    """Centre-weighted average of a feature map, then per-voxel L2 normalisation.
+
+    ``features`` is ``(D, *S)``; a normalised Gaussian kernel of standard deviation
+    ``sigma_vox`` (voxels, one per spatial axis, in ``[k, j, i]`` order) is applied to every
+    channel separately (LD's W_c), borders handled by replicate padding. Returns ``(D, *S)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = features.unsqueeze(0)  # 1, D, *S
+    nd = x.ndim - 2
+    d = x.shape[1]
+    for axis, sigma in enumerate(sigma_vox):
+        if sigma <= 0:
+            continue
+        radius = max(1, int(np.ceil(3.0 * sigma)))
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        shape = [1] * nd
+        shape[axis] = kernel.numel()
+        weight = kernel.reshape(1, 1, *shape).repeat(d, 1, *([1] * nd))
+        pad = [0, 0] * nd
+        # F.pad lists the last axis first
+        pad[2 * (nd - 1 - axis)] = radius
+        pad[2 * (nd - 1 - axis) + 1] = radius
+        x = F.pad(x, pad, mode="replicate")
+        conv = F.conv3d if nd == 3 else F.conv2d
+        x = conv(x, weight, groups=d)
+    return F.normalize(x[0], dim=0)
+
+
+@dataclasses.dataclass
+class EmbeddedVolume:
+    """One volume's dense embedding on the encoder grid.
+
+    Attributes:
+        grid: the resampled image whose geometry maps embedding voxels to LPS mm.
+        features: ``(D, *S)`` float32 tensor, unit norm along ``D``, indexed like ``grid.array``.
+        intensity: the normalised input the network saw, ``(*S)`` float32 in ``[0, 1]``.
+        smoothed: centre-weighted versions keyed by ``sigma_mm``.
+    """
+
+    grid: Image
+    features: object
+    intensity: np.ndarray
+    smoothed: dict = dataclasses.field(default_factory=dict)
+
+    def smoothed_features(self, sigma_mm: float):
+        """``features`` averaged by a Gaussian of ``sigma_mm`` (cached), unit norm per voxel."""
+        key = round(float(sigma_mm), 4)
+        if key not in self.smoothed:
+            if key <= 0:
+                self.smoothed[key] = self.features
+            else:
+                sigma_vox = tuple(key / s for s in reversed(self.grid.spacing))
+                self.smoothed[key] = gaussian_smooth(self.features, sigma_vox)
+        return self.smoothed[key]
+
+
+class EmbeddingStore:
+    """Embeds volumes with one encoder and keeps the results (least recently used first out).
+
+    Args:
+        encoder: a loaded encoder whose network has ``embed(x) -> (B, D, *S)``.
+        roi_size: sliding-window size in voxels (multiple of 16); bounds memory.
+        overlap: sliding-window overlap fraction.
+        max_volumes: how many embedded volumes to keep.
+    """
+
+    def __init__(
+        self,
+        encoder: LoadedEncoder,
+        *,
+        roi_size: int | tuple[int, ...] = 96,
+        overlap: float = 0.25,
+        max_volumes: int = 16,
+        sw_batch_size: int = 1,
+    ) -> None:
+        self.encoder = encoder
+        nd = encoder.spatial_dims
+        self.roi_size = (roi_size,) * nd if isinstance(roi_size, int) else tuple(roi_size)
+        self.overlap = overlap
+        self.max_volumes = max_volumes
+        self.sw_batch_size = sw_batch_size
+        self._volumes: collections.OrderedDict[str, EmbeddedVolume] = collections.OrderedDict()
+
+    def __contains__(self, image: Image) -> bool:
+        return volume_key(image) in self._volumes
+
+    def clear(self) -> None:
+        self._volumes.clear()
+
+    def get(self, image: Image, progress: Callable[[float], None] | None = None) -> EmbeddedVolume:
+        """The embedding of ``image``, computed on first use."""
+        key = volume_key(image)
+        if key in self._volumes:
+            self._volumes.move_to_end(key)
+            return self._volumes[key]
+        embedded = self._embed(image, progress)
+        self._volumes[key] = embedded
+        while len(self._volumes) > self.max_volumes:
+            self._volumes.popitem(last=False)
+        return embedded
+
+    def _embed(self, image: Image, progress) -> EmbeddedVolume:
+        import torch
+        import torch.nn.functional as F
+        from monai.inferers import sliding_window_inference
+
+        from .device import autocast
+
+        grid, array = prepare_volume(image, self.encoder)
+        x = torch.from_numpy(array)[None, None].to(self.encoder.device)
+        model = self.encoder.model
+        predictor = model.embed if hasattr(model, "embed") else model
+        roi = tuple(min(r, max(16, int(np.ceil(s / 16.0)) * 16)) for r, s in zip(self.roi_size, array.shape))
+        with torch.no_grad(), autocast(self.encoder.device):
+            out = sliding_window_inference(
+                x,
+                roi_size=roi,
+                sw_batch_size=self.sw_batch_size,
+                predictor=lambda patch: predictor(patch).float(),
+                overlap=self.overlap,
+                mode="gaussian",
+                padding_mode="replicate",
+                progress=False,
+            )
+        features = F.normalize(out[0].float(), dim=0).cpu()
+        if progress is not None:
+            progress(1.0)
+        return EmbeddedVolume(grid=grid, features=features, intensity=array)

@@ -1,0 +1,1 @@
+"""The tools built on a cached encoder: one module per tool."""

@@ -1,0 +1,189 @@
+"""One-shot landmark localisation by centre-sensitive embedding matching (LD, Chen et al. TPAMI 2023).
+
+A landmark clicked on a reference volume is found in target volumes by comparing dense
+embeddings (LD §2.5 in ``shared/METHODS.md``):
+
+1. Both volumes are embedded once (:class:`~AnatSSLLib.embedding.EmbeddingStore`).
+2. The embeddings are averaged by a Gaussian kernel W_c peaked at each voxel and re-normalised
+   (the *centre-sensitive* embedding ``v̇ = normalize(W_c * e)``); the support vector of landmark
+   t is the same average at the reference point, read by trilinear interpolation.
+3. The similarity map ``M(x) = <v̇(x), ṡ_t>`` is maximised over the target; the peak value is the
+   confidence.
+
+Coarse to fine: the first (widest) kernel searches the whole target; each following, narrower
+kernel searches within ``search_radius_mm`` of the previous peak. The peak is refined to
+sub-voxel precision by a parabola through the neighbours on each axis. The kernel widths and the
+number of scales are *not given by the released code*: they are parameters here
+(default ``sigmas_mm=(8.0, 4.0, 2.0)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..embedding import EmbeddedVolume, EmbeddingStore
+from ..errors import InputError
+from ..image import Image
+from ..points import PointSet
+
+__all__ = ["LandmarkLocator", "locate_landmarks"]
+
+
+def _sample_trilinear(features, index_kji: np.ndarray):
+    """Features ``(D, *S)`` at continuous ``[k, j, i]`` positions ``(N, nd)`` -> ``(N, D)``."""
+    import torch
+
+    nd = features.ndim - 1
+    shape = np.asarray(features.shape[1:], dtype=float)
+    idx = np.clip(index_kji, 0, shape - 1)
+    base = np.floor(idx).astype(int)
+    base = np.minimum(base, np.maximum(shape.astype(int) - 2, 0))
+    frac = idx - base
+    out = 0
+    for corner in np.ndindex(*(2,) * nd):
+        c = np.asarray(corner)
+        pos = np.minimum(base + c, shape.astype(int) - 1)
+        w = np.prod(np.where(c == 1, frac, 1 - frac), axis=1)
+        vals = features[(slice(None),) + tuple(torch.as_tensor(pos[:, a]) for a in range(nd))]  # D, N
+        out = out + vals * torch.as_tensor(w, dtype=features.dtype)
+    return torch.nn.functional.normalize(out.T, dim=1)
+
+
+def _subvoxel_peak(sim: np.ndarray, peak: tuple[int, ...]) -> np.ndarray:
+    """Refine an integer argmax of ``sim`` by a parabola through its neighbours on each axis."""
+    offset = np.zeros(len(peak))
+    for axis, p in enumerate(peak):
+        if 0 < p < sim.shape[axis] - 1:
+            lo = list(peak)
+            hi = list(peak)
+            lo[axis] -= 1
+            hi[axis] += 1
+            a, b, c = sim[tuple(lo)], sim[peak], sim[tuple(hi)]
+            denom = a - 2 * b + c
+            if denom < 0:
+                offset[axis] = float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
+    return np.asarray(peak, dtype=float) + offset
+
+
+@dataclasses.dataclass
+class LandmarkLocator:
+    """Locates labelled reference points in target volumes with one encoder.
+
+    Args:
+        store: the embedding store (keeps every volume's embedding for the session).
+        sigmas_mm: Gaussian kernel widths, coarse to fine (mm).
+        search_radius_mm: how far from the previous scale's peak a finer scale may move.
+    """
+
+    store: EmbeddingStore
+    sigmas_mm: Sequence[float] = (8.0, 4.0, 2.0)
+    search_radius_mm: float = 12.0
+
+    def locate(
+        self,
+        reference: Image,
+        points: PointSet,
+        targets: Sequence[Image],
+        progress: Callable[[float], None] | None = None,
+    ) -> list[PointSet]:
+        """Find ``points`` (LPS mm on ``reference``) in each target; one PointSet per target.
+
+        Each returned point carries a confidence: the cosine similarity at the peak of the
+        finest scale (in ``[-1, 1]``, higher is surer).
+
+        Raises:
+            InputError: no points, a point outside the reference, or a volume of the wrong dimension.
+        """
+        if len(points) == 0:
+            raise InputError("no reference points to locate: place at least one landmark on the reference")
+        inside = reference.contains(points.positions)
+        if not np.all(inside):
+            bad = [lab for lab, ok in zip(points.labels, inside) if not ok]
+            raise InputError(f"reference points outside the reference image {reference.name}: {bad}")
+        ref = self.store.get(reference)
+        results = []
+        for n, target in enumerate(targets):
+            tgt = self.store.get(target)
+            positions, conf = self._match(ref, points.positions, tgt)
+            results.append(
+                PointSet(
+                    labels=list(points.labels),
+                    positions=positions,
+                    descriptions=[f"confidence={c:.3f}" for c in conf],
+                    confidence=conf,
+                )
+            )
+            if progress is not None:
+                progress((n + 1) / len(targets))
+        return results
+
+    def refine(self, reference: Image, point_lps: np.ndarray, target: Image, start_lps: np.ndarray) -> tuple[np.ndarray, float]:
+        """Refine one match: search ``target`` near ``start_lps`` for ``point_lps`` of ``reference``.
+
+        Every scale is searched within ``search_radius_mm`` of the previous peak, the first of
+        the start position. Returns the LPS position and its confidence.
+        """
+        ref, tgt = self.store.get(reference), self.store.get(target)
+        start_kji = tgt.grid.physical_to_index(np.asarray(start_lps, float).reshape(1, -1))[:, ::-1]
+        pos, conf = self._match(ref, np.asarray(point_lps, float).reshape(1, -1), tgt, start_kji)
+        return pos[0], float(conf[0])
+
+    def _match(
+        self, ref: EmbeddedVolume, ref_lps: np.ndarray, tgt: EmbeddedVolume, start_kji: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        nd = tgt.grid.ndim
+        ref_kji = ref.grid.physical_to_index(ref_lps)[:, ::-1]
+        spacing_kji = np.asarray(tgt.grid.spacing[::-1])
+        shape = np.asarray(tgt.features.shape[1:])
+        peaks = start_kji  # (N, nd) in target [k, j, i]; None: search the whole target first
+        conf = np.zeros(len(ref_lps))
+        for sigma in self.sigmas_mm:
+            support = _sample_trilinear(ref.smoothed_features(sigma), ref_kji)  # N, D
+            feats = tgt.smoothed_features(sigma)  # D, *S
+            flat = feats.reshape(feats.shape[0], -1)
+            new_peaks = np.zeros((len(ref_lps), nd))
+            if peaks is None:
+                for start in range(0, len(support), 16):  # bounded memory: 16 maps at a time
+                    sims = (support[start : start + 16] @ flat).reshape(-1, *shape)
+                    for r, sim in enumerate(sims.numpy()):
+                        p = np.unravel_index(int(np.argmax(sim)), sim.shape)
+                        new_peaks[start + r] = _subvoxel_peak(sim, p)
+                        conf[start + r] = float(sim[p])
+            else:
+                radius = np.ceil(self.search_radius_mm / spacing_kji).astype(int)
+                for r in range(len(support)):
+                    centre = np.round(peaks[r]).astype(int)
+                    lo = np.clip(centre - radius, 0, shape - 1)
+                    hi = np.clip(centre + radius + 1, 1, shape)
+                    window = feats[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))]
+                    sim = torch.einsum("d,d...->...", support[r], window).numpy()
+                    p = np.unravel_index(int(np.argmax(sim)), sim.shape)
+                    new_peaks[r] = _subvoxel_peak(sim, p) + lo
+                    conf[r] = float(sim[p])
+            peaks = new_peaks
+        lps = tgt.grid.index_to_physical(peaks[:, ::-1])
+        return lps, conf
+
+
+def locate_landmarks(
+    encoder,
+    reference: Image,
+    points: PointSet,
+    targets: Sequence[Image],
+    *,
+    sigmas_mm: Sequence[float] = (8.0, 4.0, 2.0),
+    search_radius_mm: float = 12.0,
+    store: EmbeddingStore | None = None,
+) -> list[PointSet]:
+    """Convenience wrapper: locate ``points`` of ``reference`` in every target with ``encoder``.
+
+    ``encoder`` is a :class:`~AnatSSLLib.encoders.LoadedEncoder`; pass ``store`` to keep
+    embeddings between calls.
+    """
+    store = store if store is not None else EmbeddingStore(encoder)
+    return LandmarkLocator(store, sigmas_mm, search_radius_mm).locate(reference, points, targets)
