@@ -1,0 +1,178 @@
+"""Embedding similarity search: index many volumes, then ask "where else does this look like this?".
+
+Region entries are the centre-weighted embedding (the landmark tool's, with ``sigma_mm``) at a
+regular grid of physical points, ``grid_mm`` apart, on the anatomy of each volume (voxels above
+the ``foreground`` level of the normalised intensities). Each volume also gets a volume-level
+entry (the normalised mean of its region vectors). Queries:
+
+- by a physical point (LPS mm) in a query volume: its centre-weighted embedding there;
+- by a label mask on the query volume: the normalised mean embedding over the mask;
+- by a whole volume: its volume-level vector.
+
+A point query can be *refined*: the coarse hit in each returned volume is polished to the best
+voxel by the landmark tool's coarse-to-fine matching around it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..embedding import EmbeddedVolume, EmbeddingStore, volume_key
+from ..errors import InputError
+from ..image import Image, read_image
+from ..index import EmbeddingIndex, IndexedVolume, SearchHit
+from .landmarks import LandmarkLocator, _sample_trilinear
+
+__all__ = ["EmbeddingSearch", "region_entries"]
+
+
+def region_entries(embedded: EmbeddedVolume, *, grid_mm: float, sigma_mm: float, foreground: float = 0.1):
+    """Vectors ``(N, D)`` and LPS positions ``(N, 3)`` on a ``grid_mm`` lattice over the anatomy."""
+    grid = embedded.grid
+    step = np.maximum(1, np.round(grid_mm / np.asarray(grid.spacing[::-1])).astype(int))  # [k, j, i]
+    feats = embedded.smoothed_features(sigma_mm)
+    sl = tuple(slice(s // 2, None, s) for s in step)
+    normalised = embedded.intensity
+    mask = normalised[sl] > foreground
+    kji = np.argwhere(mask) * step + step // 2
+    if len(kji) == 0:
+        raise InputError(f"{grid.name}: no anatomy above the foreground level to index (is the volume empty?)")
+    vectors = feats[(slice(None),) + tuple(kji[:, a] for a in range(kji.shape[1]))].T.numpy()
+    positions = grid.index_to_physical(kji[:, ::-1].astype(float))
+    return vectors.astype(np.float32), positions
+
+
+class EmbeddingSearch:
+    """Builds and queries an :class:`~AnatSSLLib.index.EmbeddingIndex` with one encoder.
+
+    Args:
+        store: embeddings of the volumes (shared with the landmark tool).
+        grid_mm: distance between region entries.
+        sigma_mm: width of the centre-weighted average that makes a region vector.
+    """
+
+    def __init__(self, store: EmbeddingStore, *, grid_mm: float = 4.0, sigma_mm: float = 4.0) -> None:
+        self.store = store
+        self.grid_mm = float(grid_mm)
+        self.sigma_mm = float(sigma_mm)
+
+    @property
+    def encoder_id(self) -> str:
+        return self.store.encoder.encoder_id
+
+    def new_index(self, **kwargs) -> EmbeddingIndex:
+        dim = int(self.store.encoder.manifest.embedding_dim)
+        settings = {"grid_mm": self.grid_mm, "sigma_mm": self.sigma_mm}
+        return EmbeddingIndex(self.encoder_id, dim, settings=settings, **kwargs)
+
+    def check_index(self, index: EmbeddingIndex) -> None:
+        if index.encoder_id != self.encoder_id:
+            raise InputError(
+                f"the index was built with encoder {index.encoder_id}, not {self.encoder_id}: "
+                "query it with the same encoder or build a new index"
+            )
+
+    def add(
+        self,
+        index: EmbeddingIndex,
+        volumes: Sequence[Image | str | Path],
+        names: Sequence[str] | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        """Embed ``volumes`` (images or paths) and add their entries to ``index``."""
+        self.check_index(index)
+        for n, vol in enumerate(volumes):
+            image = vol if isinstance(vol, Image) else read_image(vol)
+            path = "" if isinstance(vol, Image) else str(Path(vol).resolve())
+            name = names[n] if names is not None else _volume_name(vol, image)
+            embedded = self.store.get(image)
+            vectors, positions = region_entries(embedded, grid_mm=self.grid_mm, sigma_mm=self.sigma_mm)
+            index.add_volume(IndexedVolume(name, path, volume_key(image), len(vectors)), vectors, positions)
+            if progress is not None:
+                progress((n + 1) / len(volumes))
+
+    # ---- queries ------------------------------------------------------------------------------
+    def point_vector(self, image: Image, point_lps: Sequence[float]) -> np.ndarray:
+        point = np.asarray(point_lps, dtype=float).reshape(1, -1)
+        if not image.contains(point)[0]:
+            raise InputError(f"query point {point[0].round(2).tolist()} (LPS mm) lies outside {image.name}")
+        embedded = self.store.get(image)
+        kji = embedded.grid.physical_to_index(point)[:, ::-1]
+        return _sample_trilinear(embedded.smoothed_features(self.sigma_mm), kji)[0].numpy()
+
+    def mask_vector(self, image: Image, mask: Image) -> np.ndarray:
+        if not mask.same_geometry(image):
+            raise InputError(f"mask {mask.name} does not share the grid of {image.name}")
+        lab = mask.array > 0
+        if not lab.any():
+            raise InputError(f"mask {mask.name} is empty")
+        embedded = self.store.get(image)
+        idx = np.argwhere(lab)[:, ::-1].astype(float)
+        kji = embedded.grid.physical_to_index(image.index_to_physical(idx))[:, ::-1]
+        vec = _sample_trilinear(embedded.smoothed_features(self.sigma_mm), kji).numpy().mean(axis=0)
+        return vec / max(np.linalg.norm(vec), 1e-12)
+
+    def volume_vector(self, image: Image) -> np.ndarray:
+        vectors, _ = region_entries(self.store.get(image), grid_mm=self.grid_mm, sigma_mm=self.sigma_mm)
+        vec = vectors.mean(axis=0)
+        return vec / max(np.linalg.norm(vec), 1e-12)
+
+    def search_point(
+        self,
+        index: EmbeddingIndex,
+        image: Image,
+        point_lps: Sequence[float],
+        *,
+        k: int = 10,
+        one_per_volume: bool = True,
+        exclude_self: bool = True,
+        refine: bool = False,
+        locator: LandmarkLocator | None = None,
+    ) -> list[SearchHit]:
+        """Places in the indexed volumes most similar to ``point_lps`` of ``image``.
+
+        With ``refine`` each hit is polished by the landmark tool in its own volume (read from
+        the path stored in the index); the score becomes the landmark confidence.
+        """
+        self.check_index(index)
+        hits = index.search(
+            self.point_vector(image, point_lps), k=k, one_per_volume=one_per_volume,
+            exclude_volumes=self._same_volume(index, image) if exclude_self else (),
+        )
+        if refine:
+            locator = locator or LandmarkLocator(self.store, sigmas_mm=(self.sigma_mm, 2.0), search_radius_mm=2 * self.grid_mm)
+            for hit in hits:
+                if not hit.path:
+                    raise InputError(f"cannot refine in {hit.volume}: the index holds no file path for it")
+                target = read_image(hit.path)
+                hit.position, hit.score = locator.refine(image, point_lps, target, hit.position)
+        return hits
+
+    def search_mask(self, index: EmbeddingIndex, image: Image, mask: Image, *, k: int = 10,
+                    one_per_volume: bool = True, exclude_self: bool = True) -> list[SearchHit]:
+        """Places most similar to the region ``mask > 0`` of ``image``."""
+        self.check_index(index)
+        return index.search(self.mask_vector(image, mask), k=k, one_per_volume=one_per_volume,
+                            exclude_volumes=self._same_volume(index, image) if exclude_self else ())
+
+    def search_volume(self, index: EmbeddingIndex, image: Image, *, k: int = 10, exclude_self: bool = True) -> list[SearchHit]:
+        """Indexed volumes ranked by similarity to the whole of ``image``."""
+        self.check_index(index)
+        return index.search_volumes(self.volume_vector(image), k=k,
+                                    exclude_volumes=self._same_volume(index, image) if exclude_self else ())
+
+    @staticmethod
+    def _same_volume(index: EmbeddingIndex, image: Image) -> list[str]:
+        key = volume_key(image)
+        return [v.name for v in index.volumes if v.key == key]
+
+
+def _volume_name(source, image: Image) -> str:
+    if isinstance(source, Image):
+        return image.name
+    p = Path(source)
+    stem = p.name.split(".")[0]
+    return f"{p.parent.name}/{stem}" if p.parent.name else stem
