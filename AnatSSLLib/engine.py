@@ -123,6 +123,8 @@ class TrainingTask(Protocol):
 
     - ``export_state(model) -> dict[str, Tensor]``: the part of the trained network to cache (the
       encoder); ``model`` is unwrapped. Default: ``model.state_dict()``.
+    - ``after_step(model, step)``: called after every optimiser step with the unwrapped model and
+      the number of steps done (e.g. an EMA teacher update).
     """
 
     def build_model(self) -> nn.Module: ...
@@ -969,6 +971,9 @@ def _train(
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            after_step = getattr(task, "after_step", None)
+            if callable(after_step):  # e.g. Alice's EMA teacher update
+                after_step(base_model, step)
 
             flag = 1.0 if (cancel is not None and cancel.is_cancelled()) else 0.0
             if dd.active:
