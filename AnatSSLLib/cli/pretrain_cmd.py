@@ -15,17 +15,18 @@ from .cache_cmd import add_cache_option, cache_from_args
 
 __all__ = ["add_parser", "run"]
 
-METHODS = ("ld",)
+METHODS = ("ld", "awcl")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "pretrain",
-        help="pretrain an encoder without labels (LD 3D)",
+        help="pretrain an encoder without labels (LD 3D, AWCL 2D)",
         description=(
-            "Self-supervised pretraining. Data: volume files or folders (--data), or a population "
+            "Self-supervised pretraining. LD (3D): volume files or folders (--data), or a population "
             "folder from `anatssl data synth` (--population; its co-registered contrasts of each "
-            "subject become paired views). Progress, checkpoints and resume are automatic; "
+            "subject become paired views). AWCL (2D): a tagged image CSV (--images; e.g. from "
+            "`anatssl data planes`). Progress, checkpoints and resume are automatic; "
             "SIGTERM/SIGINT or touching --cancel-file stops after the current step with a checkpoint."
         ),
     )
@@ -33,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", nargs="+", metavar="PATH", help="volume files or folders (searched recursively)")
     src.add_argument("--population", metavar="DIR", help="a population folder from `anatssl data synth`")
+    src.add_argument("--images", metavar="CSV", help="AWCL: image list CSV (image, scan_id, coarse_tag, fine_tag)")
     p.add_argument("--pattern", help="file-name glob for --data folders, e.g. 't1.nii.gz'")
     p.add_argument("--contrasts", default="t1,t2", help="population contrasts to train on (default t1,t2)")
     p.add_argument("--pd-steps", type=int, default=300, help="patch-discrimination warm-up steps (default 300)")
@@ -44,6 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, halved every --lr-halve-every)")
     p.add_argument("--lr-halve-every", type=int, default=500)
     p.add_argument("--no-paired-contrasts", action="store_true", help="do not pair co-registered contrasts as views")
+    awcl = p.add_argument_group("AWCL (2D)")
+    awcl.add_argument("--steps", type=int, default=1000, help="AWCL training steps (default 1000)")
+    awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
+    awcl.add_argument("--granularity", choices=("coarse", "fine"), default="fine", help="anatomy tags that define positives (default fine)")
+    awcl.add_argument("--backbone", default="resnet18", help="MONAI ResNet depth: resnet10, resnet18, resnet34, resnet50 (default resnet18)")
+    awcl.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--name", help="label of the cache entry")
@@ -74,6 +82,23 @@ def _subjects(args: argparse.Namespace) -> list:
     return [str(p) for p in find_volumes(args.data, args.pattern)]
 
 
+def _run_awcl(args: argparse.Namespace, progress, token) -> object:
+    from ..engine import TrainingConfig, train
+    from ..methods.awcl import AWCLTask
+    from ..methods.awcl_data import read_tagged_images
+    from ..pretraining import default_run_dir
+
+    if not args.images:
+        raise InputError("AWCL pretraining needs --images CSV (a tagged 2D image list)")
+    data = read_tagged_images(args.images, size=(args.size, args.size), with_labels=False)
+    task = AWCLTask(data, ratio=args.ratio, granularity=args.granularity, backbone=args.backbone)
+    batch = args.batch_size if args.batch_size != 2 else 32  # 2 is LD's pair default
+    run_dir = args.run_dir or str(default_run_dir() / f"awcl-{data.fingerprint()[:12]}-r{args.ratio:g}-{args.granularity}-s{args.seed}")
+    config = TrainingConfig(steps=args.steps, batch_size=batch, lr=args.lr, weight_decay=1e-6, optimizer="adam",
+                            seed=args.seed, checkpoint_every=100, checkpoint_dir=run_dir, device=args.device)
+    return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..engine import CancelToken
     from ..pretraining import LDPretrainSettings, pretrain_ld
@@ -95,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
 
     token = CancelToken(args.cancel_file)
     with token.handle_signals():
-        result = pretrain_ld(_subjects(args), settings, cache=cache_from_args(args), name=args.name,
-                             run_dir=args.run_dir, progress=progress, cancel=token)
+        if args.method == "awcl":
+            result = _run_awcl(args, progress, token)
+        else:
+            if args.images:
+                raise InputError("LD pretraining takes volumes (--data or --population), not --images")
+            result = pretrain_ld(_subjects(args), settings, cache=cache_from_args(args), name=args.name,
+                                 run_dir=args.run_dir, progress=progress, cancel=token)
     summary = {
         "encoder_id": result.encoder_id, "cancelled": result.cancelled, "steps": result.steps_done,
         "final_loss": result.final_loss, "seconds": round(result.seconds + result.metrics.get("pd_seconds", 0.0), 1),

@@ -8,6 +8,11 @@ Registered names:
 
 - ``"ld_unet2d"``: :class:`LDNet` with ``spatial_dims=2`` (LD, 2D; VGG-tiny-like widths).
 - ``"ld_unet3d"``: :class:`LDNet` with ``spatial_dims=3`` (LD, 3D; half widths by default).
+- ``"alice_swin3d"``: :class:`~AnatSSLLib.networks.alice_net.AliceNet` (Alice, 3D, SwinUNETR-based).
+- ``"awcl_resnet2d"``: :class:`~AnatSSLLib.networks.awcl_net.AWCLEncoder` (AWCL, 2D ResNet encoder;
+  a whole-image encoder without dense features).
+
+Alice and AWCL are imported on first use (SwinUNETR pulls in einops).
 """
 
 from __future__ import annotations
@@ -36,9 +41,23 @@ def _ld_unet(spatial_dims: int) -> Callable[..., nn.Module]:
     return build
 
 
+def _alice_swin3d(**params: Any) -> nn.Module:
+    from .alice_net import build_alice_net
+
+    return build_alice_net(**params)
+
+
+def _awcl_resnet2d(**params: Any) -> nn.Module:
+    from .awcl_net import awcl_resnet2d
+
+    return awcl_resnet2d(**params)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "ld_unet2d": _ld_unet(2),
     "ld_unet3d": _ld_unet(3),
+    "alice_swin3d": _alice_swin3d,
+    "awcl_resnet2d": _awcl_resnet2d,
 }
 
 

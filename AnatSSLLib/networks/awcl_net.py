@@ -45,6 +45,18 @@ def backbone_feature_dim(backbone: str, widen_factor: float = 1.0) -> int:
     return int(_BASE_WIDTHS[-1] * float(widen_factor)) * (4 if block == "bottleneck" else 1)
 
 
+def _replace_batchnorm(module: nn.Module, norm: str | tuple, spatial_dims: int) -> None:
+    """Swap every BatchNorm in ``module`` for ``norm`` (MONAI 1.6's ResNet applies its ``norm``
+    argument to the stem only; its residual blocks and shortcuts always get BatchNorm)."""
+    from monai.networks.layers.utils import get_norm_layer
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=child.num_features))
+        else:
+            _replace_batchnorm(child, norm, spatial_dims)
+
+
 class AWCLEncoder(nn.Module):
     """A MONAI ResNet without its classifier: image -> global representation ``h``.
 
@@ -53,7 +65,8 @@ class AWCLEncoder(nn.Module):
         in_channels: input channels (1 for grey MRI/ultrasound).
         backbone: ``"resnet10"``, ``"resnet18"`` (reference), ``"resnet34"`` or ``"resnet50"``.
         widen_factor: multiplies every stage's width (1.0 = standard; 0.25-0.5 for CPU scale-downs).
-        norm: MONAI norm name: ``"batch"`` (reference), ``"instance"`` or ``("group", {...})``.
+        norm: MONAI norm: ``"batch"`` (reference), ``"instance"`` or ``("group", {"num_groups": 8})``
+            (batch-independent norms make multi-process CPU runs equal one-process runs).
 
     Input ``(B, in_channels, H, W)``, sides >= 32 px (five stride-2 steps); output ``(B, F)`` with
     ``F = backbone_feature_dim(backbone, widen_factor)`` (512 for resnet10/18/34).
@@ -76,6 +89,8 @@ class AWCLEncoder(nn.Module):
             raise InputError(f"AWCLEncoder in_channels: expected a positive integer, got {in_channels!r}")
         if not float(widen_factor) > 0:
             raise InputError(f"AWCLEncoder widen_factor: expected a positive number, got {widen_factor!r}")
+        if isinstance(norm, list):  # a JSON round-trip of ("group", {"num_groups": 8})
+            norm = tuple(norm)
         self.feature_dim = backbone_feature_dim(backbone, widen_factor)
         block, layers = BACKBONES[backbone]
         self.spatial_dims = int(spatial_dims)
@@ -95,6 +110,8 @@ class AWCLEncoder(nn.Module):
             bias_downsample=False,
             norm=norm,
         )
+        if norm != "batch":
+            _replace_batchnorm(self.resnet, norm, self.spatial_dims)
 
     def feature_maps(self, x: Tensor) -> list[Tensor]:
         """Stem and the four stages' maps: strides 2 (stem, before pooling), 4, 8, 16, 32."""
@@ -117,7 +134,8 @@ class AWCLNet(nn.Module):
 
     Args:
         spatial_dims, in_channels, backbone, widen_factor, norm: see :class:`AWCLEncoder`.
-        proj_hidden: hidden width of the projection head (reference 512).
+        proj_hidden: hidden width of the projection head (reference: the feature length, 512 for
+            ResNet-18; None = the feature length).
         proj_dim: length of ``z`` (reference 128).
 
     Example:
@@ -131,17 +149,18 @@ class AWCLNet(nn.Module):
         spatial_dims: int = 2,
         in_channels: int = 1,
         backbone: str = "resnet18",
-        proj_hidden: int = 512,
+        proj_hidden: int | None = 512,
         proj_dim: int = 128,
         widen_factor: float = 1.0,
         norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
+        self.encoder = AWCLEncoder(spatial_dims, in_channels, backbone, widen_factor, norm)
+        f = self.encoder.feature_dim
+        proj_hidden = f if proj_hidden is None else proj_hidden
         for name, value in (("proj_hidden", proj_hidden), ("proj_dim", proj_dim)):
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"AWCLNet {name}: expected a positive integer, got {value!r}")
-        self.encoder = AWCLEncoder(spatial_dims, in_channels, backbone, widen_factor, norm)
-        f = self.encoder.feature_dim
         self.projection = nn.Sequential(nn.Linear(f, proj_hidden), nn.ReLU(inplace=True), nn.Linear(proj_hidden, proj_dim))
         self.encoder_params: dict[str, Any] = {
             "spatial_dims": int(spatial_dims),
@@ -171,5 +190,4 @@ def awcl_resnet2d(**params: Any) -> AWCLEncoder:
     given = params.pop("spatial_dims", 2)
     if int(given) != 2:
         raise InputError(f"awcl_resnet2d params: spatial_dims must be 2, got {given!r}")
-    norm = params.pop("norm", "batch")
-    return AWCLEncoder(spatial_dims=2, norm=norm if isinstance(norm, str) else tuple(norm), **params)
+    return AWCLEncoder(spatial_dims=2, **params)
