@@ -7,14 +7,19 @@ their physical geometry. Heavy dependencies (torch, MONAI) are imported only whe
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 import os
 import sys
+import traceback
+from typing import Annotated
 
 import qt
 import slicer
-from slicer import vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -37,6 +42,16 @@ def _resource(name: str) -> str:
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"AnatSSL resource {name!r} not found next to {_HERE} or one level up")
+
+
+class AnatSSLError(Exception):
+    """Stand-in until the library is importable (replaced below by ``AnatSSLLib.errors.AnatSSLError``)."""
+
+
+try:  # the library's error base class: a user error gets a plain message, not a traceback
+    from AnatSSLLib.errors import AnatSSLError  # noqa: F811
+except ImportError:  # pragma: no cover - the library is missing: the module still loads
+    pass
 
 
 def _bridge():
@@ -63,8 +78,14 @@ class AnatSSL(ScriptedLoadableModule):
         self.parent.helpText = (
             "Anatomy-aware self-supervised image representations and the tools built on them: "
             "one-shot landmark localization, cross-modality segmentation and embedding similarity "
-            "search. The panels arrive step by step; tabs marked <i>not available yet</i> do nothing."
-            "<br>Methods:"
+            "search, with a tab to pretrain your own encoder in the background."
+            "<ul>"
+            "<li><b>Landmarks</b>: place points on a reference volume, tick target volumes, press Propagate.</li>"
+            "<li><b>Segmentation</b>: in the Segment Editor, effect <i>AnatSSL cross-modality</i>.</li>"
+            "<li><b>Search</b>: index volumes, then search for a point or a segment.</li>"
+            "<li><b>Advanced</b>: pretrain an encoder, encoder cache folder, Python packages.</li>"
+            "</ul>"
+            "Methods:"
             "<ul>"
             '<li>AWCL, anatomy-aware contrastive learning (Fu et al., ECCV workshops 2022): '
             '<a href="https://arxiv.org/abs/2208.10642">arXiv:2208.10642</a></li>'
@@ -117,12 +138,85 @@ class AnatSSL(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class AnatSSLParameterNode:
-    """State of the AnatSSL module, saved with the scene.
+    """State of the AnatSSL module, saved with the scene (restores the panels).
 
-    inputVolume: the volume the tools work on.
+    referenceVolume, referenceLandmarks: the reference volume and the points clicked on it.
+    targetVolumes: the volumes to find the landmarks in (kept in sync with the checkable list).
+    lowConfidence: points below this confidence (cosine similarity) are flagged.
+    encoderId: the encoder the tools use ("" = the default one).
+    searchVolume, searchPoints, searchSegmentation, searchSegmentId: the search query.
+    numberOfResults: how many search results to list.
+    pretrainSteps, pretrainBatchSize, pretrainName, pretrainFolder: pretraining settings.
     """
 
-    inputVolume: vtkMRMLScalarVolumeNode
+    referenceVolume: vtkMRMLScalarVolumeNode
+    referenceLandmarks: vtkMRMLMarkupsFiducialNode
+    targetVolumes: list[vtkMRMLScalarVolumeNode]
+    lowConfidence: Annotated[float, WithinRange(-1.0, 1.0)] = 0.5
+    encoderId: str = ""
+    searchVolume: vtkMRMLScalarVolumeNode
+    searchPoints: vtkMRMLMarkupsFiducialNode
+    searchSegmentation: vtkMRMLSegmentationNode
+    searchSegmentId: str = ""
+    numberOfResults: Annotated[int, WithinRange(1, 100)] = 10
+    pretrainSteps: Annotated[int, WithinRange(1, 1000000)] = 1200
+    pretrainBatchSize: Annotated[int, WithinRange(1, 64)] = 2
+    pretrainName: str = ""
+    pretrainFolder: str = ""
+
+
+#
+# Settings (per user, not per scene)
+#
+
+SETTINGS_CACHE = "AnatSSL/EncoderCacheFolder"
+SETTINGS_DEVICE = "AnatSSL/Device"
+DEVICES = [("Auto (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda")]
+
+
+def cacheFolderSetting() -> str:
+    """The encoder cache folder chosen in the module ("" = the library default)."""
+    return str(qt.QSettings().value(SETTINGS_CACHE, "") or "")
+
+
+def deviceSetting() -> str:
+    value = str(qt.QSettings().value(SETTINGS_DEVICE, "auto") or "auto")
+    return value if value in {d for _, d in DEVICES} else "auto"
+
+
+#
+# Background tasks (threads polled by a QTimer; the MRML scene is touched on the main thread only)
+#
+
+
+class BackgroundTask:
+    """Runs ``work(progress, cancelled)`` in a Python thread; the widget polls ``done``/``fraction``."""
+
+    def __init__(self, title: str, work, finished) -> None:
+        import threading
+
+        self.title = title
+        self.work = work
+        self.finished = finished  # called on the main thread with (result, error)
+        self.fraction = 0.0
+        self.cancelRequested = False
+        self.result = None
+        self.error = None
+        self.done = False
+        self._thread = threading.Thread(target=self._run, name=f"AnatSSL {title}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.work(self._progress, lambda: self.cancelRequested)
+        except BaseException as exc:  # reported on the main thread
+            self.error = exc
+        self.done = True
+
+    def _progress(self, fraction: float) -> None:
+        self.fraction = max(0.0, min(1.0, float(fraction)))
 
 
 #
@@ -131,7 +225,7 @@ class AnatSSLParameterNode:
 
 
 class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: an input selector and one tab per tool (filled in by later versions)."""
+    """The module panel: encoder and device, then one tab per tool, and a shared progress/status row."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -139,25 +233,78 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._task = None
+        self._job = None
+        self._timer = None
+        self._updatingGUI = False
 
     def resourcePath(self, filename: str) -> str:
         return _resource(filename)
 
+    # ---- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/AnatSSL.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = AnatSSLLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self.onTimer)
+
+        for label, value in DEVICES:
+            self.ui.deviceSelector.addItem(label, value)
+        self.ui.deviceSelector.setCurrentIndex(max(0, [d for _, d in DEVICES].index(deviceSetting())))
+        self.ui.methodSelector.addItem("LD (local discrimination, 3D)", "ld")
+        self.ui.cacheFolderPathLineEdit.currentPath = cacheFolderSetting() or self.logic.defaultCacheFolder()
+        self.ui.targetVolumesSelector.setMRMLScene(slicer.mrmlScene)
+        self.ui.landmarksPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        self.ui.searchPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+
+        # connections (state fields bound through SlicerParameterName are connected by connectGui)
+        self.ui.encoderSelector.connect("currentIndexChanged(int)", self.onEncoderChanged)
+        self.ui.importEncoderButton.connect("clicked(bool)", self.onImportEncoder)
+        self.ui.deviceSelector.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.referenceLandmarksSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onReferenceLandmarksChanged)
+        self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self.onTargetVolumesChanged)
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
+        self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+        self.ui.indexLoadedVolumesButton.connect("clicked(bool)", self.onIndexLoadedVolumes)
+        self.ui.indexFolderButton.connect("clicked(bool)", self.onIndexFolder)
+        self.ui.openIndexButton.connect("clicked(bool)", self.onOpenIndex)
+        self.ui.saveIndexButton.connect("clicked(bool)", self.onSaveIndex)
+        self.ui.searchVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSearchVolumeChanged)
+        self.ui.searchPointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSearchPointsChanged)
+        self.ui.searchSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSearchSegmentChanged)
+        self.ui.searchSegmentSelector.connect("currentSegmentChanged(QString)", self.onSearchSegmentChanged)
+        self.ui.queryPointRadioButton.connect("toggled(bool)", self.updateGUIFromState)
+        self.ui.querySegmentRadioButton.connect("toggled(bool)", self.updateGUIFromState)
+        self.ui.searchButton.connect("clicked(bool)", self.onSearch)
+        self.ui.searchResultsTableView.connect("clicked(QModelIndex)", self.onSearchResultClicked)
+        self.ui.pretrainLoadedRadioButton.connect("toggled(bool)", self.updateGUIFromState)
+        self.ui.pretrainFolderRadioButton.connect("toggled(bool)", self.updateGUIFromState)
+        self.ui.pretrainFolderPathLineEdit.connect("currentPathChanged(QString)", self.onPretrainFolderChanged)
+        self.ui.pretrainButton.connect("clicked(bool)", self.onPretrain)
+        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+        self.refreshEncoders()
+        self.updateGUIFromState()
 
     def cleanup(self) -> None:
         self.removeObservers()
+        if self._job is not None and self._job.running:
+            self._job.kill()
+        if self._task is not None:
+            self._task.cancelRequested = True
+        if self._timer is not None:
+            self._timer.stop()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -166,8 +313,11 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._task is not None:  # its result will not be written (the bridge checks the nodes)
+            self._task.cancelRequested = True
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -176,18 +326,411 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+        if not self._parameterNode.referenceVolume:
+            volume = self.logic.firstImageVolume()
+            if volume:
+                self._parameterNode.referenceVolume = volume
 
     def setParameterNode(self, inputParameterNode: AnatSSLParameterNode | None) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
+            self._restoreUnboundWidgets()
+        self.updateGUIFromState()
+
+    def _restoreUnboundWidgets(self) -> None:
+        """Widgets without a parameter-node binding (checkable list, segment selector, path) from the state."""
+        p = self._parameterNode
+        self._updatingGUI = True
+        try:
+            wanted = {node.GetID() for node in p.targetVolumes if node}
+            for index in range(self.ui.targetVolumesSelector.nodeCount()):
+                node = self.ui.targetVolumesSelector.nodeFromIndex(index)
+                state = qt.Qt.Checked if node.GetID() in wanted else qt.Qt.Unchecked
+                self.ui.targetVolumesSelector.setCheckState(node, state)
+            self.ui.landmarksPlaceWidget.setCurrentNode(p.referenceLandmarks)
+            self.ui.searchPlaceWidget.setCurrentNode(p.searchPoints)
+            self.ui.searchSegmentSelector.setCurrentNode(p.searchSegmentation)
+            if p.searchSegmentId:
+                self.ui.searchSegmentSelector.setCurrentSegmentID(p.searchSegmentId)
+            self.ui.pretrainFolderPathLineEdit.currentPath = p.pretrainFolder
+        finally:
+            self._updatingGUI = False
+
+    # ---- state -> GUI ---------------------------------------------------------------------------
+    def updateGUIFromState(self, *args) -> None:
+        p = self._parameterNode
+        busy = self._task is not None or (self._job is not None and self._job.running)
+        ready = p is not None and not busy
+        self.ui.propagateButton.enabled = bool(ready and p.referenceVolume and p.referenceLandmarks and p.targetVolumes)
+        self.ui.propagateButton.toolTip = (
+            "Find the reference landmarks in every ticked target volume." if self.ui.propagateButton.enabled else
+            "Choose a reference volume, a point list with points on it and at least one target volume.")
+        pointQuery = self.ui.queryPointRadioButton.checked
+        for widget in (self.ui.searchPointsSelector, self.ui.searchPlaceWidget):
+            widget.enabled = pointQuery
+        self.ui.searchSegmentSelector.enabled = not pointQuery
+        hasIndex = self.logic is not None and self.logic.index is not None and len(self.logic.index) > 0
+        self.ui.searchButton.enabled = bool(ready and p.searchVolume and hasIndex
+                                            and (p.searchPoints if pointQuery else p.searchSegmentation))
+        self.ui.searchButton.toolTip = ("Look the query up in the index." if hasIndex else
+                                        "Build or open an index first (Index section above).")
+        self.ui.saveIndexButton.enabled = bool(hasIndex and not busy)
+        for button in (self.ui.indexLoadedVolumesButton, self.ui.indexFolderButton, self.ui.openIndexButton,
+                       self.ui.importEncoderButton, self.ui.installDependenciesButton):
+            button.enabled = not busy
+        self.ui.pretrainFolderPathLineEdit.enabled = self.ui.pretrainFolderRadioButton.checked
+        self.ui.pretrainButton.enabled = not busy
+        self.ui.cancelButton.enabled = busy
+
+    def refreshEncoders(self, select: str | None = None) -> None:
+        """Fill the encoder list from the cache; keep (or set) the chosen one, else the default."""
+        combo = self.ui.encoderSelector
+        wanted = select or (self._parameterNode.encoderId if self._parameterNode else "") or ""
+        self._updatingGUI = True
+        try:
+            combo.clear()
+            try:
+                rows, default = self.logic.listEncoders()
+            except Exception as exc:
+                rows, default = [], None
+                self.setStatus(f"Cannot read the encoder cache: {exc}")
+            for encoderId, text in rows:
+                combo.addItem(text, encoderId)
+            if not rows:
+                combo.addItem("No encoder yet: pretrain one (Advanced) or import a file", "")
+            target = wanted or default or ""
+            index = max(0, combo.findData(target))
+            combo.setCurrentIndex(index)
+        finally:
+            self._updatingGUI = False
+        self.onEncoderChanged(combo.currentIndex)
+
+    def setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        if self.logic is not None and self.logic.deviceDescription:
+            self.ui.deviceInfoLabel.text = f"Runs on: {self.logic.deviceDescription}"
+        logging.info("AnatSSL: " + text)
+
+    # ---- GUI -> state -----------------------------------------------------------------------------
+    def onEncoderChanged(self, index) -> None:
+        if self._updatingGUI or not self._parameterNode:
+            return
+        self._parameterNode.encoderId = str(self.ui.encoderSelector.itemData(index) or "")
+
+    def onDeviceChanged(self, index) -> None:
+        qt.QSettings().setValue(SETTINGS_DEVICE, str(self.ui.deviceSelector.itemData(index) or "auto"))
+
+    def onCacheFolderChanged(self, path) -> None:
+        qt.QSettings().setValue(SETTINGS_CACHE, str(path))
+        self.logic.resetEncoders()
+        self.refreshEncoders()
+
+    def onReferenceLandmarksChanged(self, node) -> None:
+        self.ui.landmarksPlaceWidget.setCurrentNode(node)
+
+    def onTargetVolumesChanged(self) -> None:
+        if self._updatingGUI or not self._parameterNode:
+            return
+        self._parameterNode.targetVolumes = list(self.ui.targetVolumesSelector.checkedNodes())
+
+    def onSearchVolumeChanged(self, node) -> None:
+        if node is not None:
+            self.ui.searchSegmentSelector.setCurrentNode(self._parameterNode.searchSegmentation if self._parameterNode else None)
+
+    def onSearchPointsChanged(self, node) -> None:
+        self.ui.searchPlaceWidget.setCurrentNode(node)
+
+    def onSearchSegmentChanged(self, *args) -> None:
+        if self._updatingGUI or not self._parameterNode:
+            return
+        self._parameterNode.searchSegmentation = self.ui.searchSegmentSelector.currentNode()
+        self._parameterNode.searchSegmentId = self.ui.searchSegmentSelector.currentSegmentID() or ""
+
+    def onPretrainFolderChanged(self, path) -> None:
+        if self._parameterNode and not self._updatingGUI:
+            self._parameterNode.pretrainFolder = str(path)
+
+    def device(self) -> str:
+        return str(self.ui.deviceSelector.itemData(self.ui.deviceSelector.currentIndex) or "auto")
+
+    # ---- running work -------------------------------------------------------------------------
+    def _ensureReady(self) -> bool:
+        """Dependencies present (offer to install), nothing else running."""
+        if self._task is not None or (self._job is not None and self._job.running):
+            slicer.util.warningDisplay("AnatSSL is still working on the previous request; wait or press Cancel.")
+            return False
+        return self.ensureDependencies()
+
+    def _startTask(self, title: str, work, finished) -> None:
+        self._task = BackgroundTask(title, work, finished)
+        self.ui.progressBar.setValue(0)
+        self.setStatus(f"{title}...")
+        self._task.start()
+        self._timer.start()
+        self.updateGUIFromState()
+
+    def onTimer(self) -> None:
+        if self._task is not None:
+            self.ui.progressBar.setValue(int(100 * self._task.fraction))
+            if self._task.done:
+                task, self._task = self._task, None
+                self.updateGUIFromState()
+                with slicer.util.tryWithErrorDisplay(f"{task.title} failed.", waitCursor=True):
+                    task.finished(task.result, task.error)
+        if self._job is not None:
+            self._pollJob()
+        if self._task is None and (self._job is None or not self._job.running):
+            self._timer.stop()
+
+    def onCancel(self) -> None:
+        if self._task is not None:
+            self._task.cancelRequested = True
+            self.setStatus(f"Cancelling {self._task.title.lower()} (after the current volume)...")
+        if self._job is not None and self._job.running:
+            self._job.cancel(grace_s=20.0)
+            self.setStatus("Cancelling pretraining: saving a checkpoint (start again to resume)...")
+
+    def _reportError(self, error, what: str) -> bool:
+        """Show ``error`` (None: nothing); user errors and GPU memory errors get a plain message."""
+        if error is None:
+            return False
+        message = self.logic.describeError(error)
+        self.setStatus(f"{what} failed: {message}")
+        if isinstance(error, AnatSSLError) or self.logic.isOutOfMemory(error):
+            slicer.util.errorDisplay(f"{what} failed:\n{message}")
+        else:
+            slicer.util.errorDisplay(f"{what} failed:\n{message}", detailedText="".join(
+                traceback.format_exception(type(error), error, error.__traceback__)))
+        return True
+
+    # ---- landmarks --------------------------------------------------------------------------------
+    def onPropagate(self) -> None:
+        if not self._ensureReady():
+            return
+        p = self._parameterNode
+        encoderId, device, lowConfidence = p.encoderId, self.device(), float(p.lowConfidence)  # the worker reads no MRML
+        try:
+            with slicer.util.WaitCursor():
+                propagator = self.logic.landmarkPropagator(encoderId, device, lowConfidence)
+                plan = propagator.prepare(slicer.mrmlScene, p.referenceVolume, p.referenceLandmarks, list(p.targetVolumes))
+        except Exception as exc:
+            self._reportError(exc, "Landmark propagation")
+            return
+
+        def work(progress, cancelled):
+            return self.logic.withDeviceFallback(
+                lambda prop: prop.compute(plan, progress=progress, cancelled=cancelled),
+                lambda dev: self.logic.landmarkPropagator(encoderId, dev, lowConfidence),
+                device)
+
+        def finished(result, error):
+            if self._reportError(error, "Landmark propagation"):
+                return
+            (propagator_used, computed), note = result
+            results = propagator_used.write(slicer.mrmlScene, plan, computed)
+            low = sum(len(r.low_confidence) for r in results)
+            recomputed = sum(len(r.recomputed) for r in results)
+            self.ui.landmarksResultLabel.text = (
+                f"{len(results)} target(s) updated; {recomputed} point(s) located, the rest reused; "
+                f"{low} low-confidence point(s) marked." + (f" {note}" if note else ""))
+            if results:
+                self.ui.landmarksTableView.setMRMLTableNode(results[0].table_node)
+            self.setStatus("Landmarks propagated." + (f" {note}" if note else ""))
+
+        self._startTask("Propagating landmarks", work, finished)
+
+    # ---- segmentation -----------------------------------------------------------------------------
+    def onOpenSegmentEditor(self) -> None:
+        slicer.util.selectModule("SegmentEditor")
+
+    # ---- search -----------------------------------------------------------------------------------
+    def onIndexLoadedVolumes(self) -> None:
+        if not self._ensureReady():
+            return
+        volumes = self.logic.imageVolumes()
+        if not volumes:
+            slicer.util.warningDisplay("No image volume is loaded: load volumes first (or index a folder).")
+            return
+        self._indexImages([(v.GetName(), self.logic.imageFromVolume(v)) for v in volumes])
+
+    def onIndexFolder(self) -> None:
+        if not self._ensureReady():
+            return
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder of volumes to index")
+        if not folder:
+            return
+        self._indexImages(None, folder)
+
+    def _indexImages(self, named_images, folder: str | None = None) -> None:
+        p = self._parameterNode
+        try:
+            with slicer.util.WaitCursor():
+                search = self.logic.embeddingSearch(p.encoderId, self.device())
+        except Exception as exc:
+            self._reportError(exc, "Indexing")
+            return
+
+        def work(progress, cancelled):
+            return self.logic.addToIndex(search, named_images, folder, progress, cancelled)
+
+        def finished(result, error):
+            if self._reportError(error, "Indexing"):
+                return
+            self.ui.indexStatusLabel.text = self.logic.describeIndex()
+            self.setStatus(f"Indexed {len(result)} volume(s).")
+
+        self._startTask("Indexing volumes", work, finished)
+
+    def onOpenIndex(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Open an AnatSSL index folder")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot open the index.", waitCursor=True):
+            self.logic.openIndex(folder)
+            self.ui.indexStatusLabel.text = self.logic.describeIndex()
+            self.updateGUIFromState()
+
+    def onSaveIndex(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Save the index into a folder")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot save the index.", waitCursor=True):
+            path = self.logic.saveIndex(folder)
+            self.setStatus(f"Index saved in {path}.")
+
+    def onSearch(self) -> None:
+        if not self._ensureReady():
+            return
+        p = self._parameterNode
+        try:
+            with slicer.util.WaitCursor():
+                search = self.logic.embeddingSearch(p.encoderId, self.device())
+                if self.ui.queryPointRadioButton.checked:
+                    query = self.logic.pointQuery(p.searchVolume, p.searchPoints)
+                else:
+                    query = self.logic.segmentQuery(p.searchVolume, p.searchSegmentation, p.searchSegmentId)
+        except Exception as exc:
+            self._reportError(exc, "Search")
+            return
+        k = int(p.numberOfResults)
+
+        def work(progress, cancelled):
+            hits = self.logic.runQuery(search, query, k)
+            progress(1.0)
+            return hits
+
+        def finished(hits, error):
+            if self._reportError(error, "Search"):
+                return
+            table = self.logic.showHits(hits)
+            self.ui.searchResultsTableView.setMRMLTableNode(table)
+            self.setStatus(f"{len(hits)} result(s). Click a row to jump to it.")
+
+        self._startTask("Searching", work, finished)
+
+    def onSearchResultClicked(self, index) -> None:
+        view = self.ui.searchResultsTableView
+        table = view.mrmlTableNode()
+        if table is None or not index.isValid():
+            return
+        if hasattr(view, "sortFilterProxyModel") and view.sortFilterProxyModel() is not None:
+            index = view.sortFilterProxyModel().mapToSource(index)
+        model = view.tableModel() if hasattr(view, "tableModel") else None
+        row = model.mrmlTableRowIndex(index) if model is not None and hasattr(model, "mrmlTableRowIndex") else index.row()
+        with slicer.util.tryWithErrorDisplay("Cannot show this result.", waitCursor=False):
+            self.logic.jumpToHit(table, int(row))
+
+    # ---- pretraining ------------------------------------------------------------------------------
+    def onPretrain(self) -> None:
+        if not self._ensureReady():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot start pretraining.", waitCursor=True):
+            if self.ui.pretrainFolderRadioButton.checked:
+                data = [p.pretrainFolder] if p.pretrainFolder else []
+                if not data:
+                    raise AnatSSLError("choose the data folder to pretrain on")
+            else:
+                data = self.logic.exportLoadedVolumes()
+            self._job = self.logic.pretrainJob(data, self.device(), int(p.pretrainSteps), int(p.pretrainBatchSize),
+                                               p.pretrainName or None)
+            self.ui.pretrainLogTextEdit.clear()
+            self.ui.pretrainLogTextEdit.appendPlainText(" ".join(self._job.command()))
+            self._job.start()
+            self.ui.progressBar.setValue(0)
+            self.setStatus("Pretraining in the background; Slicer stays usable.")
+            self._timer.start()
+            self.updateGUIFromState()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        for event in job.poll():
+            kind = event.get("event")
+            if kind == "progress" and event.get("total"):
+                self.ui.progressBar.setValue(int(100 * event.get("step", 0) / max(1, event["total"])))
+                loss = event.get("loss")
+                self.ui.statusLabel.text = (f"Pretraining {event.get('stage', '')}: step {event.get('step')} of "
+                                            f"{event['total']}" + (f", loss {loss:.3f}" if isinstance(loss, (int, float)) else ""))
+            if kind != "progress" or int(event.get("step") or 0) % 50 == 0:
+                self.ui.pretrainLogTextEdit.appendPlainText(_bridge_module("jobs").describe_event(event))
+            if kind == "exit":
+                self._pretrainFinished(job)
+        self.updateGUIFromState()
+
+    def _pretrainFinished(self, job) -> None:
+        code = job.returncode
+        if code == 0 and job.encoder_id:
+            self.refreshEncoders(select=job.encoder_id)
+            self.setStatus(f"Pretraining finished: encoder {job.encoder_id} is selected.")
+        elif code == 3 or job.cancel_requested:
+            self.setStatus("Pretraining cancelled; a checkpoint was kept: start again to resume.")
+        else:
+            message = job.last_error or "see the log in the Advanced tab"
+            if "out of memory" in message.lower():
+                message += ". The GPU ran out of memory: lower the batch size or choose CPU as device."
+            self.setStatus(f"Pretraining failed (exit code {code}): {message}")
+            slicer.util.errorDisplay(f"Pretraining failed (exit code {code}):\n{message}")
+
+    # ---- encoders and dependencies -------------------------------------------------------------
+    def onImportEncoder(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Import an AnatSSL encoder", "",
+                                              "AnatSSL encoders (*.anatssl *.zip);;All files (*)")
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot import the encoder.", waitCursor=True):
+            encoderId = self.logic.importEncoder(path)
+            self.refreshEncoders(select=encoderId)
+            self.setStatus(f"Encoder {encoderId} imported and selected.")
+
+    def onInstallDependencies(self) -> None:
+        if self.ensureDependencies(force_message=True):
+            self.setStatus("All Python packages AnatSSL needs are installed.")
+
+    def ensureDependencies(self, force_message: bool = False) -> bool:
+        """Offer to install what is missing (torch through the PyTorch extension); True when all present."""
+        plan = _bridge_module("dependencies").install_plan()
+        if plan.empty:
+            if force_message:
+                slicer.util.infoDisplay("All Python packages AnatSSL needs are installed.")
+            return True
+        if not slicer.util.confirmOkCancelDisplay(plan.describe(), windowTitle="AnatSSL: install Python packages"):
+            self.setStatus("Python packages not installed: the tools cannot run without them "
+                           "(Advanced tab > Check / install Python packages).")
+            return False
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.installDependencies(plan)
+        except Exception as exc:
+            slicer.util.errorDisplay(f"Installing the Python packages failed:\n{exc}\n\nCheck the internet connection "
+                                     "(or a proxy), then try again from the Advanced tab.")
+            return False
+        return _bridge_module("dependencies").install_plan().empty
 
 
 #
@@ -196,17 +739,146 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class AnatSSLLogic(ScriptedLoadableModuleLogic):
-    """Node <-> library conversions on ``slicer.mrmlScene``; usable from the Python console and batch
-    scripts without the widget. Each method delegates to ``AnatSSLBridge`` (see its docstrings for
-    frames and shapes: images and points in the library are LPS, nodes are RAS)."""
+    """Node <-> library conversions and the tools on ``slicer.mrmlScene``; usable from the Python console
+    and batch scripts without the widget. Each method delegates to ``AnatSSLBridge`` (see its docstrings
+    for frames and shapes: images and points in the library are LPS, nodes are RAS).
+
+    One embedding store is kept per (encoder, device), so a second Propagate or Search re-embeds nothing.
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._encoders = {}
+        self._stores = {}
+        self._propagators = {}
+        self._searches = {}
+        self.index = None
+        self.resultsTable = None
+        self.deviceDescription = ""
 
     def getParameterNode(self) -> AnatSSLParameterNode:
         return AnatSSLParameterNode(super().getParameterNode())
 
-    # ---- volumes -------------------------------------------------------------------------------
+    # ---- encoders -------------------------------------------------------------------------------
+    @staticmethod
+    def defaultCacheFolder() -> str:
+        from AnatSSLLib.cache import default_cache_dir
+
+        return str(default_cache_dir())
+
+    def cache(self):
+        from AnatSSLLib.cache import EncoderCache
+
+        return EncoderCache(cacheFolderSetting() or None)
+
+    def listEncoders(self):
+        """``([(id, text for the list)], default id or None)``."""
+        cache = self.cache()
+        rows = []
+        for encoderId, manifest, origin in cache.list():
+            name = getattr(manifest, "name", "") or ""
+            dims = f"{manifest.spatial_dims}D"
+            rows.append((encoderId, f"{name or encoderId} ({manifest.method}, {dims}{', bundled' if origin == 'bundled' else ''})"))
+        try:
+            default = cache.default_encoder_id()
+        except Exception:
+            default = None
+        return rows, default
+
+    def importEncoder(self, path: str) -> str:
+        return self.cache().import_(path)
+
+    def resetEncoders(self) -> None:
+        self._encoders.clear()
+        self._stores.clear()
+        self._propagators.clear()
+        self._searches.clear()
+
+    def encoder(self, encoderId: str, device: str):
+        from AnatSSLLib.encoders import load_encoder
+
+        key = (encoderId or "", device)
+        if key not in self._encoders:
+            self._encoders[key] = load_encoder(encoderId or None, cache=self.cache(), device=device)
+        try:
+            from AnatSSLLib.device import describe_device
+
+            self.deviceDescription = describe_device(self._encoders[key].device)
+        except Exception:
+            self.deviceDescription = str(self._encoders[key].device)
+        return self._encoders[key]
+
+    def store(self, encoderId: str, device: str):
+        from AnatSSLLib.embedding import EmbeddingStore
+
+        key = (encoderId or "", device)
+        if key not in self._stores:
+            self._stores[key] = EmbeddingStore(self.encoder(encoderId, device))
+        return self._stores[key]
+
+    def landmarkPropagator(self, encoderId: str, device: str, lowConfidence: float = 0.5):
+        key = (encoderId or "", device)
+        if key not in self._propagators:
+            self._propagators[key] = _bridge_module("landmarks").LandmarkPropagator(self.store(encoderId, device))
+        propagator = self._propagators[key]
+        propagator.low_confidence = float(lowConfidence)
+        return propagator
+
+    def embeddingSearch(self, encoderId: str, device: str):
+        from AnatSSLLib.tools.search import EmbeddingSearch
+
+        key = (encoderId or "", device)
+        if key not in self._searches:
+            self._searches[key] = EmbeddingSearch(self.store(encoderId, device))
+        return self._searches[key]
+
+    def crossModalitySegmenter(self, encoderId: str, device: str):
+        from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
+
+        return CrossModalitySegmenter(self.store(encoderId, device))
+
+    # ---- device and errors ----------------------------------------------------------------------
+    @staticmethod
+    def isOutOfMemory(error) -> bool:
+        try:
+            from AnatSSLLib.device import is_out_of_memory
+
+            return bool(is_out_of_memory(error))
+        except Exception:
+            return "out of memory" in str(error).lower()
+
+    def describeError(self, error) -> str:
+        if self.isOutOfMemory(error):
+            return ("the GPU ran out of memory. Choose CPU as device (Encoder and device), close other GPU programs, "
+                    "or use smaller volumes.")
+        return str(error) or type(error).__name__
+
+    def withDeviceFallback(self, run, make, device: str):
+        """``((tool, run(tool)), note)``: run on ``device``; on a GPU out-of-memory error, once more on the CPU."""
+        tool = make(device)
+        try:
+            return (tool, run(tool)), ""
+        except Exception as exc:
+            if device == "cpu" or not self.isOutOfMemory(exc):
+                raise
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
+        tool = make("cpu")
+        return (tool, run(tool)), "The GPU ran out of memory; this run used the CPU instead."
+
+    # ---- volumes --------------------------------------------------------------------------------
+    def imageVolumes(self) -> list:
+        nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+        return [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode") and n.GetImageData() is not None]
+
+    def firstImageVolume(self):
+        volumes = self.imageVolumes()
+        return volumes[0] if volumes else None
+
     def imageFromVolume(self, volumeNode, world: bool = True):
         """The voxels (a copy) and LPS geometry of ``volumeNode`` as an ``AnatSSLLib.image.Image``."""
         return _bridge().image_from_volume_node(volumeNode, world=world)
@@ -237,3 +909,172 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
         """``(label image, {label: segment name})`` of ``segmentationNode`` on the reference grid."""
         return _bridge().segmentation_to_labelmap(slicer.mrmlScene, segmentationNode, referenceVolumeNode)
 
+    # ---- tools (batch use: blocking) -----------------------------------------------------------
+    def propagateLandmarks(self, referenceVolume, referenceLandmarks, targetVolumes, encoderId: str = "",
+                           device: str = "auto", lowConfidence: float = 0.5):
+        """One markups node and table per target (see ``AnatSSLBridge.landmarks``); blocking."""
+        propagator = self.landmarkPropagator(encoderId, device, lowConfidence)
+        return propagator.propagate(slicer.mrmlScene, referenceVolume, referenceLandmarks, list(targetVolumes))
+
+    def transferSegmentation(self, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=None,
+                             encoderId: str = "", device: str = "auto", segmentIds=None, saveUndoState=None):
+        """Fill ``outputSegmentation`` on ``targetVolume`` from the reference segmentation; blocking."""
+        segmenter = self.crossModalitySegmenter(encoderId, device)
+        return _bridge_module("segmentation").transfer_segmentation(
+            slicer.mrmlScene, segmenter, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
+            segment_ids=segmentIds, save_undo_state=saveUndoState,
+            spatial_dims=self.encoder(encoderId, device).spatial_dims)
+
+    # ---- search ---------------------------------------------------------------------------------
+    def addToIndex(self, search, namedImages=None, folder: str | None = None, progress=None, cancelled=None):
+        """Add ``[(name, Image)]`` (read on the main thread) or every volume file of ``folder`` to the index."""
+        from AnatSSLLib.errors import InputError
+
+        if self.index is None or self.index.encoder_id != search.encoder_id:
+            self.index = search.new_index()
+        if folder:
+            from AnatSSLLib.datasets import find_volumes
+
+            paths = [str(p) for p in find_volumes([folder], None)]
+            if not paths:
+                raise InputError(f"no volume files found in {folder}")
+            items = [(p, p) for p in paths]
+        else:
+            items = list(namedImages or [])
+        added = []
+        for n, (name, source) in enumerate(items):
+            if cancelled is not None and cancelled():
+                break
+            if isinstance(source, str):
+                search.add(self.index, [source])
+                added.append(self.index.volume_names()[-1])
+            else:
+                if name in self.index.volume_names():
+                    self.index.remove_volume(name)
+                search.add(self.index, [source], names=[name])
+                added.append(name)
+            if progress is not None:
+                progress((n + 1) / len(items))
+        return added
+
+    def describeIndex(self) -> str:
+        if self.index is None or not len(self.index):
+            return "No index yet."
+        names = self.index.volume_names()
+        return f"{len(names)} volume(s) indexed ({len(self.index)} places): " + ", ".join(names[:6]) + \
+            (", ..." if len(names) > 6 else "")
+
+    def openIndex(self, folder: str) -> None:
+        from AnatSSLLib.index import EmbeddingIndex
+
+        self.index = EmbeddingIndex.open(folder)
+
+    def saveIndex(self, folder: str):
+        from AnatSSLLib.errors import InputError
+
+        if self.index is None:
+            raise InputError("there is no index to save: build one first")
+        return self.index.save(folder)
+
+    def pointQuery(self, volumeNode, pointsNode):
+        """``("point", volume node, Image, RAS point)`` of the last placed point of ``pointsNode``."""
+        from AnatSSLLib.errors import InputError
+
+        points = self.pointsFromMarkups(pointsNode) if pointsNode else None
+        if points is None or len(points) == 0:
+            raise InputError("no query point: place a point on the query volume")
+        _bridge_module("landmarks").check_volume_node(volumeNode, "query volume")
+        ras = points.to_ras()[-1]
+        return ("point", volumeNode, self.imageFromVolume(volumeNode), ras)
+
+    def segmentQuery(self, volumeNode, segmentationNode, segmentId: str):
+        """``("mask", volume node, Image, mask Image)`` of one segment on the query volume."""
+        from AnatSSLLib.errors import InputError
+
+        if segmentationNode is None or not segmentId:
+            raise InputError("no query segment: pick a segmentation and one of its segments")
+        _bridge_module("landmarks").check_volume_node(volumeNode, "query volume")
+        labels, names = self.labelmapFromSegmentation(segmentationNode, volumeNode)
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise InputError(f"segmentation {segmentationNode.GetName()!r} has no segment {segmentId!r}")
+        value = next(v for v, n in names.items() if n == segment.GetName())
+        mask = labels.with_array((labels.array == value).astype("uint8"), name=segment.GetName())
+        if not mask.array.any():
+            raise InputError(f"segment {segment.GetName()!r} is empty on {volumeNode.GetName()!r}")
+        return ("mask", volumeNode, self.imageFromVolume(volumeNode), mask)
+
+    def runQuery(self, search, query, k: int = 10):
+        """The hits of a query from :meth:`pointQuery` / :meth:`segmentQuery` (no MRML access)."""
+        from AnatSSLLib.errors import InputError
+        from AnatSSLLib.image import ras_to_lps
+
+        if self.index is None:
+            raise InputError("there is no index: build or open one first")
+        kind, _, image, what = query
+        if kind == "point":
+            return search.search_point(self.index, image, ras_to_lps(what), k=k)
+        return search.search_mask(self.index, image, what, k=k)
+
+    def showHits(self, hits):
+        self.resultsTable = _bridge_module("search").hits_to_table(
+            slicer.mrmlScene, hits, node=self.resultsTable if self.resultsTable and self.resultsTable.GetScene() else None)
+        return self.resultsTable
+
+    def jumpToHit(self, tableNode, row: int) -> None:
+        """Show the hit's volume in the slice views, centred on its position."""
+        from AnatSSLLib.errors import InputError
+
+        name, nodeId, ras = _bridge_module("search").hit_from_table_row(tableNode, row)
+        volume = slicer.mrmlScene.GetNodeByID(nodeId) if nodeId else None
+        if volume is None:
+            raise InputError(f"{name!r} is not loaded: load it (its file is in the table's path column) to jump there")
+        slicer.util.setSliceViewerLayers(background=volume, fit=False)
+        if all(x == x for x in ras):  # not NaN: a place, not a whole-volume hit
+            slicer.modules.markups.logic().JumpSlicesToLocation(float(ras[0]), float(ras[1]), float(ras[2]), True)
+
+    # ---- pretraining ----------------------------------------------------------------------------
+    def exportLoadedVolumes(self) -> list[str]:
+        """Write the loaded image volumes to a temporary folder (NIfTI) for the pretraining process."""
+        from AnatSSLLib.errors import InputError
+        from AnatSSLLib.image import write_image
+
+        volumes = self.imageVolumes()
+        if len(volumes) < 2:
+            raise InputError(f"pretraining needs at least 2 loaded volumes, {len(volumes)} loaded; "
+                             "load more or train on a folder")
+        folder = os.path.join(slicer.util.tempDirectory(), "anatssl-pretrain-data")
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for n, volume in enumerate(volumes):
+            paths.append(str(write_image(self.imageFromVolume(volume), os.path.join(folder, f"volume{n:03d}.nii.gz"))))
+        return paths
+
+    def pretrainJob(self, data, device: str, steps: int, batchSize: int, name: str | None = None):
+        """A :class:`AnatSSLBridge.jobs.PretrainJob` (not started) writing into the module's encoder cache."""
+        return _bridge_module("jobs").PretrainJob(
+            data=data, cache_dir=cacheFolderSetting() or self.defaultCacheFolder(), device=device,
+            ld_steps=steps, batch_size=batchSize, name=name)
+
+    # ---- dependencies ---------------------------------------------------------------------------
+    @staticmethod
+    def installDependencies(plan) -> None:
+        """Install ``plan`` (``AnatSSLBridge.dependencies.InstallPlan``): torch via PyTorchUtils, then pip."""
+        if plan.torch:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError("the PyTorch extension is not installed: install 'PyTorch' from the Extensions "
+                                   "Manager, restart Slicer, then try again") from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=False)
+                if torch is None:
+                    raise RuntimeError("PyTorch could not be installed (see the Python console)")
+        for requirement in plan.pip:
+            slicer.util.pip_install(requirement)
+
+
+def _bridge_module(name: str):
+    """A sub-module of the bridge (``landmarks``, ``search``, ``segmentation``, ``jobs``, ``dependencies``)."""
+    return importlib.import_module(f"AnatSSLBridge.{name}")

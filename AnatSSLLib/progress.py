@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 EVENTS = ("start", "progress", "checkpoint", "done", "cancelled", "error")
+# `anatssl pretrain --progress jsonl` ends with one {"event": "summary", "encoder_id": ...} line.
+PARSED_EVENTS = EVENTS + ("summary",)
 ProgressCallback = Callable[[dict[str, Any]], None]
 _FINAL = ("done", "cancelled", "error")
 
@@ -86,7 +88,8 @@ def parse_event(line: str | bytes) -> dict[str, Any] | None:
     """The event dict of one line written by :class:`JsonLinesProgress`, or None for other lines.
 
     A parent process reading a child's stdout gets ordinary log lines too; those (and any JSON
-    that is not an object with a known ``"event"``) give None.
+    that is not an object with a known ``"event"``) give None. The command line's closing
+    ``"summary"`` line is recognised too.
     """
     if isinstance(line, bytes):
         line = line.decode("utf-8", errors="replace")
@@ -97,7 +100,7 @@ def parse_event(line: str | bytes) -> dict[str, Any] | None:
         data = json.loads(text)
     except json.JSONDecodeError:
         return None
-    if not isinstance(data, dict) or data.get("event") not in EVENTS:
+    if not isinstance(data, dict) or data.get("event") not in PARSED_EVENTS:
         return None
     return data
 

@@ -170,6 +170,8 @@ def _check_tree(tree: Path) -> None:
     assert (tree / "AnatSSL.py").is_file()
     assert (tree / "AnatSSLBridge" / "__init__.py").is_file()
     assert (tree / "AnatSSLBridge" / "segmentations.py").is_file()
+    assert (tree / "SegmentEditorAnatSSL.py").is_file()
+    assert (tree / "SegmentEditorAnatSSLLib" / "SegmentEditorEffect.py").is_file()
     assert (tree / "AnatSSLLib" / "__init__.py").is_file() and (tree / "AnatSSLLib" / "image.py").is_file()
     assert (tree / "Resources" / "UI" / "AnatSSL.ui").is_file()
     assert (tree / "Resources" / "Icons" / "AnatSSL.png").is_file()
@@ -219,8 +221,8 @@ def test_ui_has_the_four_tool_tabs():
     titles = [w.find("attribute[@name='title']/string").text for w in tabs.findall("widget")]
     assert titles == ["Landmarks", "Segmentation", "Search", "Advanced"]
     names = {w.get("name") for w in root.iter("widget")}
-    assert {"inputVolumeSelector", "toolsTabWidget"} <= names
-    # the module's only parameter-node field is bound from the .ui
+    assert {"encoderSelector", "deviceSelector", "toolsTabWidget", "progressBar", "cancelButton"} <= names
+    # every field bound from the .ui is declared in the module's parameter node (see also test_ui_static.py)
     bound = [p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"]
     source = (MODULE_DIR / "AnatSSL.py").read_text(encoding="utf-8")
     for name in bound:

@@ -4,6 +4,12 @@ Converts between Slicer nodes (RAS) and the library's types (LPS): volume nodes 
 :class:`AnatSSLLib.image.Image`, markups nodes <-> :class:`AnatSSLLib.points.PointSet`, segmentation
 nodes <-> label images. Every function takes the scene or the nodes as arguments and imports no
 ``qt``, so it runs on the ``slicer-core`` wheel (pytest) and inside Slicer unchanged.
+
+The tools on MRML nodes live in sub-modules imported on use (they load torch lazily):
+``landmarks`` (:class:`~AnatSSLBridge.landmarks.LandmarkPropagator`), ``search`` (index loaded
+volumes, point/segment queries, results table), ``segmentation`` (cross-modality transfer into a
+segmentation node), ``jobs`` (:class:`~AnatSSLBridge.jobs.PretrainJob`, pretraining in a
+subprocess) and ``dependencies`` (what to install inside Slicer).
 """
 
 from __future__ import annotations

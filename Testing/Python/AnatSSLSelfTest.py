@@ -23,7 +23,7 @@ for _path in (os.path.join(_REPO, "AnatSSL"), _REPO):  # developer checkout; ins
 
 
 class AnatSSLSelfTest(ScriptedLoadableModuleTest):
-    """Round trips of volumes, markups and segmentations through the AnatSSL logic."""
+    """Round trips of volumes, markups and segmentations, and the three tools, through the AnatSSL logic."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -35,6 +35,14 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         self.test_markups_round_trip()
         self.setUp()
         self.test_segmentation_round_trip()
+        self.setUp()
+        self.test_parameter_node_defaults()
+        self.setUp()
+        self.test_landmark_propagation()
+        self.setUp()
+        self.test_segmentation_transfer_with_one_undo()
+        self.setUp()
+        self.test_search_table()
 
     # ---- helpers --------------------------------------------------------------------------------
     @staticmethod
@@ -101,3 +109,133 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(back.array, labels)
         self.assertTrue(back.same_geometry(label_image, atol=1e-4))
         self.delayDisplay("Segmentation round trip passed")
+
+    # ---- the tools (same checks as Testing/test_module_logic.py, on slicer.mrmlScene) ----------------
+    @staticmethod
+    def _random_encoder_id(logic):
+        """A random-weight LD encoder saved into a temporary cache (a moved copy makes the answer known)."""
+        import tempfile
+
+        import qt
+        import torch
+
+        import AnatSSL
+        from AnatSSLLib.cache import EncoderCache, EncoderManifest
+        from AnatSSLLib.networks import build_network
+
+        torch.manual_seed(0)
+        root = tempfile.mkdtemp(prefix="anatssl-selftest-cache-")
+        qt.QSettings().setValue(AnatSSL.SETTINGS_CACHE, root)
+        logic.resetEncoders()
+        manifest = EncoderManifest(method="ld", architecture="ld_unet3d", architecture_params={}, embedding_dim=32,
+                                   spatial_dims=3, spacing=[3.0, 3.0, 3.0],
+                                   intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5})
+        return EncoderCache(root, bundled=[]).save(build_network("ld_unet3d", {}).state_dict(), manifest)
+
+    @staticmethod
+    def _blobs(shape=(40, 44, 40), seed=3):
+        """A smooth random volume with structure at several scales (float32, [k, j, i])."""
+        from scipy import ndimage
+
+        rng = np.random.default_rng(seed)
+        noise = rng.normal(size=shape)
+        return (ndimage.gaussian_filter(noise, 3) * 4 + ndimage.gaussian_filter(noise, 1.5)).astype(np.float32)
+
+    def tearDown(self):
+        import qt
+
+        import AnatSSL
+
+        qt.QSettings().remove(AnatSSL.SETTINGS_CACHE)
+
+    def test_parameter_node_defaults(self):
+        self.delayDisplay("Parameter node")
+        node = self._logic().getParameterNode()
+        self.assertAlmostEqual(node.lowConfidence, 0.5)
+        self.assertEqual(node.numberOfResults, 10)
+        self.assertEqual(list(node.targetVolumes), [])
+
+    def test_landmark_propagation(self):
+        self.delayDisplay("Landmark propagation (random-weight encoder, moved copy)")
+        from AnatSSLLib.image import Image, lps_to_ras
+
+        logic = self._logic()
+        encoderId = self._random_encoder_id(logic)
+        array = self._blobs()
+        reference = Image(array, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3), "reference")
+        shift = np.array([6.0, -9.0, 3.0])
+        moved = Image(array, (2.0, 2.0, 2.0), tuple(shift), np.eye(3), "moved")
+        referenceNode = logic.volumeFromImage(reference, "reference")
+        movedNode = logic.volumeFromImage(moved, "moved")
+        points_lps = np.array([[30.0, 40.0, 36.0], [44.0, 30.0, 40.0], [36.0, 50.0, 30.0]])
+        markups = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "reference points")
+        for n, p in enumerate(lps_to_ras(points_lps)):
+            markups.AddControlPoint([float(x) for x in p], f"P{n}")
+        (result,) = logic.propagateLandmarks(referenceNode, markups, [movedNode], encoderId=encoderId, device="cpu")
+        self.assertEqual(result.markups_node.GetName(), "moved landmarks")
+        found = slicer.util.arrayFromMarkupsControlPoints(result.markups_node, world=True)
+        errors = np.linalg.norm(found - lps_to_ras(points_lps + shift), axis=1)
+        self.assertLess(float(np.median(errors)), 3.0, errors)
+        self.assertEqual(result.table_node.GetTable().GetNumberOfRows(), 3)
+        markups.AddControlPoint([float(x) for x in lps_to_ras(np.array([40.0, 40.0, 40.0]))], "P3")
+        (again,) = logic.propagateLandmarks(referenceNode, markups, [movedNode], encoderId=encoderId, device="cpu")
+        self.assertIs(again.markups_node, result.markups_node)
+        self.assertEqual(again.recomputed, ["P3"])
+        with self.assertRaises(ValueError):  # InputError: the target is the reference
+            logic.propagateLandmarks(referenceNode, markups, [referenceNode], encoderId=encoderId, device="cpu")
+        self.delayDisplay("Landmark propagation passed")
+
+    def test_segmentation_transfer_with_one_undo(self):
+        self.delayDisplay("Segmentation transfer into the edited segmentation, one undo state")
+        from AnatSSLBridge.segmentation import transfer_segmentation
+        from AnatSSLLib.image import Image
+
+        class ResampleSegmenter:  # test stand-in: co-registered volumes, so resampling is the answer
+            def segment(self, reference, labels, target):
+                import SimpleITK as sitk
+
+                out = sitk.Resample(labels.to_sitk(), target.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+                return Image.from_sitk(out)
+
+        logic = self._logic()
+        array = self._blobs((24, 26, 28))
+        t1 = logic.volumeFromImage(Image(array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T1"), "T1")
+        t2 = logic.volumeFromImage(Image(-array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T2"), "T2")
+        labels = np.zeros(array.shape, np.uint8)
+        labels[5:12, 6:14, 4:10] = 1
+        labels[14:20, 10:18, 12:20] = 2
+        ref_image = Image(labels, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "labels")
+        reference = logic.segmentationFromLabelmap(ref_image, t1, names={1: "one", 2: "two"},
+                                                   colors={1: (1, 0, 0), 2: (0, 0, 1)}, closedSurface=False)
+        output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "edited")
+        output.SetReferenceImageGeometryParameterFromVolumeNode(t2)
+        output.GetSegmentation().AddEmptySegment("manual", "manual", [0.0, 1.0, 0.0])
+        editor = slicer.vtkSlicerSegmentEditorLogic()
+        editor.SetMRMLScene(slicer.mrmlScene)
+        editor.SetSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+        editor.SetSegmentationNode(output)
+        editor.SetSourceVolumeNode(t2)
+        editor.UpdateAlignedSourceVolume()
+        saved = []
+        transfer_segmentation(slicer.mrmlScene, ResampleSegmenter(), t1, reference, t2, output,
+                              save_undo_state=lambda: saved.append(editor.SaveStateForUndo()))
+        self.assertEqual(len(saved), 1)
+        self.assertEqual(output.GetSegmentation().GetNumberOfSegments(), 3)
+        back, names = logic.labelmapFromSegmentation(output, t2)
+        value = {n: v for v, n in names.items()}
+        self.assertEqual(int((back.array == value["one"]).sum()), int((labels == 1).sum()))
+        editor.Undo()
+        self.assertEqual(output.GetSegmentation().GetNumberOfSegments(), 1)
+        self.delayDisplay("Segmentation transfer passed")
+
+    def test_search_table(self):
+        self.delayDisplay("Search results table")
+        from AnatSSLBridge.search import hit_from_table_row, hits_to_table
+        from AnatSSLLib.index import SearchHit
+
+        volume = self._logic().volumeFromImage(self._oblique_image(np.zeros((4, 4, 4), np.int16)), "hit volume")
+        table = hits_to_table(slicer.mrmlScene, [SearchHit("hit volume", np.array([1.0, 2.0, 3.0]), 0.9)])
+        name, nodeId, ras = hit_from_table_row(table, 0)
+        self.assertEqual((name, nodeId), ("hit volume", volume.GetID()))
+        np.testing.assert_allclose(ras, [-1.0, -2.0, 3.0])
+        self.delayDisplay("Search results table passed")

@@ -1,0 +1,3 @@
+"""The "AnatSSL cross-modality" Segment Editor effect (registered by ``SegmentEditorAnatSSL.py``)."""
+
+from .SegmentEditorEffect import SegmentEditorEffect  # noqa: F401

@@ -1,0 +1,434 @@
+"""The module's Qt-free logic (AnatSSL/AnatSSLBridge) end to end on real MRML nodes (slicer-core).
+
+A random-weight LD encoder in a temporary cache is enough: a target that is the reference moved in
+space has the same content on the encoder grid, so the right answer is known exactly (the landmark
+tool's accuracy with a trained encoder is asserted in the library's tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from AnatSSLLib.errors import InputError
+from AnatSSLLib.image import Image, lps_to_ras
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("slicer-core is not installed (`import slicer` found another package)", allow_module_level=True)
+
+from AnatSSLBridge import image_from_volume_node, parse_description, volume_node_from_image  # noqa: E402
+from AnatSSLBridge.landmarks import LandmarkPropagator  # noqa: E402
+
+SHIFT = np.array([6.0, -9.0, 3.0])  # LPS mm, a multiple of the 3 mm encoder grid
+
+
+@pytest.fixture(scope="module")
+def random_encoder(tmp_path_factory):
+    import torch
+
+    from AnatSSLLib.cache import EncoderCache, EncoderManifest
+    from AnatSSLLib.encoders import load_encoder
+    from AnatSSLLib.networks import build_network
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("cache")
+    cache = EncoderCache(root, bundled=[])
+    manifest = EncoderManifest(method="ld", architecture="ld_unet3d", architecture_params={}, embedding_dim=32,
+                               spatial_dims=3, spacing=[3.0, 3.0, 3.0],
+                               intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5})
+    eid = cache.save(build_network("ld_unet3d", {}).state_dict(), manifest)
+    return load_encoder(eid, cache=cache, device="cpu"), root
+
+
+@pytest.fixture(scope="module")
+def store(random_encoder):
+    from AnatSSLLib.embedding import EmbeddingStore
+
+    return EmbeddingStore(random_encoder[0])
+
+
+@pytest.fixture(scope="module")
+def brain(template_2mm):
+    """The 2 mm MNI template cropped around the midline landmarks (48 x 70 x 48 voxels: fast tests)."""
+    import dataclasses
+
+    box = (slice(15, 63), slice(30, 100), slice(24, 72))  # [k, j, i]
+
+    def crop(image: Image) -> Image:
+        origin = image.index_to_physical([box[2].start, box[1].start, box[0].start])
+        return Image(image.array[box].copy(), image.spacing, tuple(origin), image.direction, image.name)
+
+    return dataclasses.replace(template_2mm.copy(), t1=crop(template_2mm.t1), t2=crop(template_2mm.t2),
+                               labels=crop(template_2mm.labels))
+
+
+def _moved(image: Image, shift_mm, name="moved") -> Image:
+    return Image(image.array, image.spacing, tuple(np.add(image.origin, shift_mm)), image.direction, name)
+
+
+def _reference_markups(scene, points):
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "reference points")
+    for label, ras in zip(points.labels, points.to_ras()):
+        node.AddControlPoint([float(x) for x in ras], label)
+    return node
+
+
+def _world_ras(node) -> np.ndarray:
+    out, p = [], [0.0, 0.0, 0.0]
+    for i in range(node.GetNumberOfControlPoints()):
+        node.GetNthControlPointPositionWorld(i, p)
+        out.append(list(p))
+    return np.array(out)
+
+
+# ---- landmarks ------------------------------------------------------------------------------------
+def test_propagate_creates_then_updates_one_markups_node_per_target(scene, store, brain):
+    reference = volume_node_from_image(scene, brain.t1, "T1 reference")
+    target = volume_node_from_image(scene, _moved(brain.t1, SHIFT), "T1 moved")
+    points = brain.landmarks.subset(["AC", "PC", "genu of CC"])
+    markups = _reference_markups(scene, points)
+    propagator = LandmarkPropagator(store)
+    calls = []
+    original = store._embed
+    store._embed = lambda image, progress: calls.append(image.name) or original(image, progress)
+    try:
+        (result,) = propagator.propagate(scene, reference, markups, [target])
+        node, table = result.markups_node, result.table_node
+        assert node.GetName() == "T1 moved landmarks"
+        assert [node.GetNthControlPointLabel(i) for i in range(3)] == ["AC", "PC", "genu of CC"]
+        expected_ras = lps_to_ras(points.positions + SHIFT)
+        err = np.linalg.norm(_world_ras(node) - expected_ras, axis=1)
+        assert np.median(err) < 1.5, err
+        for i in range(3):
+            _, conf = parse_description(node.GetNthControlPointDescription(i))
+            assert conf is not None and conf <= 1.0 + 1e-5
+            assert conf == pytest.approx(result.points.confidence[i], abs=1e-9)
+        # table: label, R, A, S, confidence, low-confidence flag
+        t = table.GetTable()
+        assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == \
+            ["label", "R", "A", "S", "confidence", "low confidence"]
+        assert t.GetNumberOfRows() == 3 and table.GetColumnUnitLabel("R") == "mm"
+        assert t.GetValueByName(1, "label").ToString() == "PC"
+        assert t.GetValueByName(1, "A").ToDouble() == pytest.approx(_world_ras(node)[1, 1], abs=1e-6)
+        flags = [t.GetValueByName(r, "low confidence").ToString() for r in range(3)]
+        assert flags == ["yes" if c < propagator.low_confidence else "no" for c in result.points.confidence]
+
+        # one more reference point: same nodes updated in place, only the new point located, nothing re-embedded
+        n_embedded = len(calls)
+        extra = brain.landmarks.position("culmen")
+        markups.AddControlPoint([float(x) for x in lps_to_ras(extra)], "culmen")
+        (again,) = propagator.propagate(scene, reference, markups, [target])
+        assert again.markups_node is node and again.table_node is table
+        assert again.recomputed == ["culmen"]
+        assert len(calls) == n_embedded
+        assert node.GetNumberOfControlPoints() == 4 and table.GetTable().GetNumberOfRows() == 4
+        assert np.linalg.norm(_world_ras(node)[3] - lps_to_ras(extra + SHIFT)) < 3.0  # one encoder voxel
+        assert len(_nodes(scene, "vtkMRMLMarkupsFiducialNode")) == 2  # the reference and this target's
+        assert len(_nodes(scene, "vtkMRMLTableNode")) == 1
+    finally:
+        store._embed = original
+
+
+def _nodes(scene, cls):
+    col = scene.GetNodesByClass(cls)
+    return [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
+
+
+def test_low_confidence_points_are_flagged(scene, store, brain):
+    reference = volume_node_from_image(scene, brain.t1, "ref")
+    target = volume_node_from_image(scene, _moved(brain.t1, SHIFT), "tgt")
+    markups = _reference_markups(scene, brain.landmarks.subset(["AC", "PC"]))
+    (result,) = LandmarkPropagator(store, low_confidence=2.0).propagate(scene, reference, markups, [target])
+    assert result.low_confidence == ["AC", "PC"]
+    node = result.markups_node
+    assert all(node.GetNthControlPointDescription(i).startswith("low confidence; confidence=") for i in range(2))
+    assert not node.GetNthControlPointSelected(0)
+    assert result.table_node.GetTable().GetValueByName(1, "low confidence").ToString() == "yes"
+
+
+def test_bad_input_leaves_no_node(scene, store, brain, random_encoder):
+    reference = volume_node_from_image(scene, brain.t1, "ref")
+    target = volume_node_from_image(scene, _moved(brain.t1, SHIFT), "tgt")
+    labels = volume_node_from_image(scene, brain.labels, "labels", labelmap=True)
+    empty_points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
+    markups = _reference_markups(scene, brain.landmarks.subset(["AC"]))
+    loading = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "loading")
+    propagator = LandmarkPropagator(store)
+    before = scene.GetNumberOfNodes()
+    cases = [
+        ((reference, empty_points, [target]), "no points placed"),
+        ((reference, markups, [reference]), "is the reference volume"),
+        ((reference, markups, [labels]), "label map"),
+        ((labels, markups, [target]), "label map"),
+        ((reference, markups, [loading]), "still loading"),
+        ((reference, markups, []), "no target volumes"),
+    ]
+    for args, message in cases:
+        with pytest.raises(InputError, match=message):
+            propagator.propagate(scene, *args)
+    # a 2D encoder for 3D volumes
+    encoder_2d = type(random_encoder[0])(random_encoder[0].encoder_id, _Manifest2D(random_encoder[0].manifest),
+                                         random_encoder[0].model, random_encoder[0].device)
+    from AnatSSLLib.embedding import EmbeddingStore
+
+    with pytest.raises(InputError, match="encoder is 2D"):
+        LandmarkPropagator(EmbeddingStore(encoder_2d)).propagate(scene, reference, markups, [target])
+    assert scene.GetNumberOfNodes() == before
+
+
+class _Manifest2D:
+    def __init__(self, manifest):
+        self.__dict__.update(vars(manifest))
+        self.spatial_dims = 2
+
+
+# ---- search ---------------------------------------------------------------------------------------
+def test_search_from_point_and_segment_finds_the_moved_copy(scene, store, brain):
+    from AnatSSLLib.tools.search import EmbeddingSearch
+
+    from AnatSSLBridge import labelmap_to_segmentation
+    from AnatSSLBridge.search import (add_volume_nodes_to_index, hit_from_table_row, hits_to_table,
+                                      search_from_point, search_from_segment)
+
+    reference = volume_node_from_image(scene, brain.t1, "query T1")
+    moved = volume_node_from_image(scene, _moved(brain.t1, SHIFT), "moved T1")
+    search = EmbeddingSearch(store, grid_mm=3.0, sigma_mm=4.0)
+    index = search.new_index()
+    assert add_volume_nodes_to_index(search, index, [reference, moved]) == ["query T1", "moved T1"]
+    assert add_volume_nodes_to_index(search, index, [moved]) == ["moved T1"]  # re-adding replaces
+    assert index.volume_names() == ["query T1", "moved T1"]
+
+    # a query on the region lattice near AC: its copy in the moved volume is an index entry, at +SHIFT
+    from AnatSSLLib.tools.search import region_entries
+
+    _, lattice = region_entries(store.get(brain.t1), grid_mm=3.0, sigma_mm=4.0)
+    ac = brain.landmarks.position("AC")
+    point_lps = lattice[np.argmin(np.linalg.norm(lattice - ac, axis=1))]
+    hits = search_from_point(search, index, reference, lps_to_ras(point_lps), k=3)
+    assert hits[0].volume == "moved T1" and len(hits) == 1  # one per volume; the query's own volume left out
+    table = hits_to_table(scene, hits)
+    name, node_id, ras = hit_from_table_row(table, 0)
+    assert name == "moved T1" and node_id == moved.GetID()
+    np.testing.assert_allclose(ras, lps_to_ras(hits[0].position), atol=1e-4)
+    assert table.GetColumnUnitLabel("R") == "mm"
+    # the hit is an entry of the moved copy: a lattice point of the reference moved by SHIFT (random
+    # weights tie hundreds of places at cosine ~1, so which one is not asserted here)
+    assert hits[0].score == pytest.approx(1.0, abs=5e-3)
+    assert np.min(np.linalg.norm(lattice + SHIFT - hits[0].position, axis=1)) < 1e-3
+
+    # a region: a small box around AC painted as a segment on the query volume
+    box = np.zeros(brain.t1.array.shape, np.uint8)
+    k, j, i = np.round(brain.t1.physical_to_index(point_lps[None])[0][::-1]).astype(int)
+    box[k - 2:k + 3, j - 2:j + 3, i - 2:i + 3] = 1
+    seg = labelmap_to_segmentation(scene, brain.t1.with_array(box, name="box"), reference,
+                                   names={1: "AC region"}, closed_surface=False)
+    segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("AC region")
+    region_hits = search_from_segment(scene, search, index, reference, seg, segment_id, k=2)
+    assert region_hits[0].volume == "moved T1"
+    assert np.min(np.linalg.norm(lattice + SHIFT - region_hits[0].position, axis=1)) < 1e-3
+    hits_to_table(scene, region_hits, node=table)  # refilled in place
+    assert table.GetTable().GetNumberOfRows() == len(region_hits)
+    with pytest.raises(InputError, match="no segment"):
+        search_from_segment(scene, search, index, reference, seg, "nope")
+
+
+# ---- cross-modality segmentation ------------------------------------------------------------------
+class _ResampleSegmenter:
+    """Test stand-in for CrossModalitySegmenter: co-registered volumes, so resampling is the answer."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def segment(self, reference, reference_labels, target):
+        import SimpleITK as sitk
+
+        self.calls += 1
+        out = sitk.Resample(reference_labels.to_sitk(), target.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        return Image.from_sitk(out, name="labels")
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_segmentation_fills_segments_keeps_manual_ones_and_undoes_at_once(scene, brain):
+    from AnatSSLBridge import labelmap_to_segmentation, segmentation_to_labelmap
+    from AnatSSLBridge.segmentation import transfer_segmentation
+
+    ids = sorted(int(v) for v in np.unique(brain.labels.array) if v)[:2]
+    ref_labels = brain.labels.with_array(np.where(np.isin(brain.labels.array, ids),
+                                                         brain.labels.array, 0).astype(np.uint8))
+    t1 = volume_node_from_image(scene, brain.t1, "T1")
+    t2 = volume_node_from_image(scene, brain.t2, "T2")
+    reference_seg = labelmap_to_segmentation(scene, ref_labels, t1, names={ids[0]: "left thing", ids[1]: "right thing"},
+                                             colors={ids[0]: (1.0, 0.0, 0.0), ids[1]: (0.0, 0.0, 1.0)},
+                                             closed_surface=False)
+    # the user's segmentation on T2: a manual segment, and "right thing" with the user's own colour
+    manual = np.zeros(ref_labels.array.shape, np.uint8)
+    manual[5:8, 5:8, 5:8] = 1
+    manual[10:12, 10:12, 10:12] = 2
+    output = labelmap_to_segmentation(scene, ref_labels.with_array(manual), t2, names={1: "manual", 2: "right thing"},
+                                      colors={1: (0.0, 1.0, 0.0), 2: (1.0, 1.0, 0.0)}, closed_surface=False)
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(scene)
+    editor.SetSegmentEditorNode(scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    editor.SetSegmentationNode(output)
+    editor.SetSourceVolumeNode(t2)
+    assert editor.UpdateAlignedSourceVolume()
+    before = output.GetSegmentation().GetNumberOfSegments()
+    undo_calls = []
+
+    segmenter = _ResampleSegmenter()
+    node, counts = transfer_segmentation(scene, segmenter, t1, reference_seg, t2, output,
+                                         save_undo_state=lambda: undo_calls.append(editor.SaveStateForUndo()))
+    assert node is output and len(undo_calls) == 1 and segmenter.calls == 1
+    segmentation = output.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert sorted(names) == ["left thing", "manual", "right thing"]
+    right = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("right thing"))
+    left = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("left thing"))
+    assert right.GetColor() == pytest.approx((1.0, 1.0, 0.0))  # the user's colour is kept
+    assert left.GetColor() == pytest.approx((1.0, 0.0, 0.0))  # a new segment takes the reference colour
+    labels, by_value = segmentation_to_labelmap(scene, output, t2)
+    value = {n: v for v, n in by_value.items()}
+    for name, original in (("left thing", ids[0]), ("right thing", ids[1])):
+        assert _dice(labels.array == value[name], ref_labels.array == original) > 0.97
+        assert counts[name] == int((ref_labels.array == original).sum())
+    assert (labels.array == value["manual"]).sum() == 27  # the manual segment untouched
+
+    editor.Undo()  # one undo reverts the whole transfer
+    segmentation = output.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == before
+    labels, by_value = segmentation_to_labelmap(scene, output, t2)
+    value = {n: v for v, n in by_value.items()}
+    assert (labels.array == value["right thing"]).sum() == 8
+
+
+def test_segmentation_bad_input_changes_nothing(scene, brain):
+    from AnatSSLBridge import labelmap_to_segmentation
+    from AnatSSLBridge.segmentation import transfer_segmentation
+
+    t1 = volume_node_from_image(scene, brain.t1, "T1")
+    t2 = volume_node_from_image(scene, brain.t2, "T2")
+    lab = volume_node_from_image(scene, brain.labels, "labels", labelmap=True)
+    empty_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    box = np.zeros(brain.t1.array.shape, np.uint8)
+    box[20:30, 20:30, 20:30] = 1
+    seg = labelmap_to_segmentation(scene, brain.t1.with_array(box), t1, names={1: "box"}, closed_surface=False)
+    segmenter = _ResampleSegmenter()
+    before = scene.GetNumberOfNodes()
+    for args, message in (((t1, seg, t1, None), "also the target"),
+                          ((t1, seg, lab, None), "label map"),
+                          ((t1, empty_seg, t2, None), "has no segments"),
+                          ((t1, seg, t2, seg), "is the reference segmentation")):
+        with pytest.raises(InputError, match=message):
+            transfer_segmentation(scene, segmenter, *args)
+    assert scene.GetNumberOfNodes() == before and segmenter.calls == 0
+
+
+def test_cross_modality_segmenter_if_available(scene, store, brain):
+    tools = pytest.importorskip("AnatSSLLib.tools.segmentation")
+    from AnatSSLBridge import labelmap_to_segmentation, segmentation_to_labelmap
+    from AnatSSLBridge.segmentation import transfer_segmentation
+
+    t1 = volume_node_from_image(scene, brain.t1, "T1")
+    t2 = volume_node_from_image(scene, brain.t2, "T2")
+    biggest = int(np.bincount(brain.labels.array.ravel().astype(int))[1:].argmax()) + 1
+    ref = brain.labels.with_array((brain.labels.array == biggest).astype(np.uint8))
+    seg = labelmap_to_segmentation(scene, ref, t1, names={1: "structure"}, closed_surface=False)
+    node, counts = transfer_segmentation(scene, tools.CrossModalitySegmenter(store), t1, seg, t2)
+    assert node.GetSegmentation().GetSegmentIdBySegmentName("structure")
+    assert counts["structure"] > 0
+    labels, names = segmentation_to_labelmap(scene, node, t2)
+    # co-registered T1 -> T2 with random weights: well above chance (trained accuracy: the library's tests)
+    assert _dice(labels.array > 0, ref.array > 0) > 0.45
+
+
+# ---- pretraining job ------------------------------------------------------------------------------
+def test_pretrain_job_runs_reports_progress_and_is_cancelled(tmp_path, population_small):
+    import time
+
+    from AnatSSLBridge.jobs import PretrainJob
+
+    def job(steps):
+        return PretrainJob(population=population_small.path, cache_dir=tmp_path / "cache", device="cpu",
+                           ld_steps=steps, pd_steps=1, batch_size=1, crop=16, spacing_mm=6.0,
+                           run_dir=tmp_path / f"run{steps}", name="tiny")
+
+    done = job(2)
+    assert done.command()[1:4] == ["-m", "AnatSSLLib.cli", "pretrain"] and "--cancel-file" in done.command()
+    done.start()
+    events = done.wait(timeout=240)
+    kinds = [e["event"] for e in events]
+    assert done.returncode == 0, [e for e in events if e["event"] in ("log", "error")]
+    assert "progress" in kinds and kinds[-1] == "exit" and "summary" in kinds
+    assert done.encoder_id and done.encoder_id.startswith("ld-")
+    from AnatSSLBridge.jobs import describe_event
+
+    lines = [describe_event(e) for e in events]
+    assert any(line.startswith("New encoder ld-") for line in lines) and all(lines)
+    from AnatSSLLib.cache import EncoderCache
+
+    assert done.encoder_id in EncoderCache(tmp_path / "cache", bundled=[]).ids()
+
+    long = job(5000)
+    long.start()
+    deadline = time.monotonic() + 180
+    seen = []
+    while time.monotonic() < deadline and not any(e["event"] == "progress" for e in seen):
+        seen += long.poll()
+        time.sleep(0.2)
+    long.cancel(grace_s=60)
+    seen += long.wait(timeout=120)
+    assert long.returncode == 3, seen[-5:]  # cancelled with a checkpoint, not killed
+    assert any(e["event"] == "cancelled" for e in seen)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "killpg"), reason="POSIX process groups (Windows uses taskkill /T)")
+def test_pretrain_job_kill_ends_the_process_tree(tmp_path):
+    from AnatSSLBridge.jobs import PretrainJob
+
+    job = PretrainJob(data=[str(tmp_path)], cache_dir=tmp_path, python=_sleeper(tmp_path))
+    job.start()
+    job.cancel(grace_s=0.5)  # the fake job ignores the cancel file: killed after the grace period
+    events = job.wait(timeout=30)
+    assert job.returncode is not None and job.returncode < 0
+    assert events[-1]["event"] == "exit"
+
+
+def _sleeper(tmp_path):
+    """A fake interpreter that prints one progress line, then sleeps in a child process."""
+    import os
+    import sys
+
+    script = tmp_path / "fake_python"
+    script.write_text("#!/bin/sh\necho '{\"event\": \"start\", \"total\": 9}'\n"
+                      f"{sys.executable} -c 'import time; time.sleep(60)'\n")
+    os.chmod(script, 0o755)
+    return str(script)
+
+
+def test_pretrain_job_bad_settings():
+    from AnatSSLBridge.jobs import PretrainJob
+
+    with pytest.raises(InputError, match="either"):
+        PretrainJob(cache_dir="x")
+    with pytest.raises(InputError, match="steps"):
+        PretrainJob(population="p", ld_steps=0)
+    with pytest.raises(InputError, match="device"):
+        PretrainJob(population="p", device="gpu")
+
+
+# ---- dependencies ---------------------------------------------------------------------------------
+def test_dependency_plan_never_pips_torch_or_slicer_packages():
+    from AnatSSLBridge.dependencies import NEVER_PIP, install_plan, missing_modules
+
+    assert missing_modules() == []  # the test environment has everything
+    present = {"numpy", "SimpleITK", "vtk", "tqdm"}
+    plan = install_plan(find_spec=lambda name: object() if name in present else None)
+    assert plan.torch is True
+    assert plan.pip == ["monai>=1.3", "safetensors>=0.4", "faiss-cpu>=1.7"]
+    assert all(not r.lower().startswith(tuple(n.lower() for n in NEVER_PIP)) for r in plan.pip)
+    assert "PyTorch extension" in plan.describe()
+    assert install_plan().empty
