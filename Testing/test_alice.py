@@ -405,24 +405,24 @@ def _t1w_2mm() -> np.ndarray:
 
 
 def test_tiny_training_on_real_t1w_loss_goes_down():
-    # 20 engine steps, crops 32^3 of the real 2009c T1w at 2 mm, SwinUNETR fs 12, batch 1. The
-    # reconstruction term falls steadily; the DINO terms (teacher temperature 0.01) are noisy
-    # over 20 steps at batch 1, so the total is checked only to be finite and the generative
-    # term (weight 10 in the total) to fall.
+    # 8 engine steps (about 5 s each on 2 CPU cores), crops 32^3 of the real 2009c T1w at 2 mm,
+    # SwinUNETR fs 12, batch 1. The reconstruction term falls steadily; the DINO terms (teacher
+    # temperature 0.01) are noisy at batch 1, so the total is checked only to be finite and the
+    # generative term (weight 10 in the total) to fall.
     from AnatSSLLib.engine import TrainingConfig, train
 
     vol = _t1w_2mm()
     assert vol.shape == (97, 115, 97)
-    task = AliceTask([vol], steps=20, crop=32, body_threshold=0.1)
-    config = TrainingConfig(steps=20, batch_size=1, lr=3e-4, optimizer="adamw", device="cpu", seed=0,
+    task = AliceTask([vol], steps=8, crop=32, body_threshold=0.1)
+    config = TrainingConfig(steps=8, batch_size=1, lr=1e-3, optimizer="adamw", device="cpu", seed=0,
                             checkpoint_every=0, checkpoint_dir=None, log_every=1)
     events = []
     result = train(task, config, progress=events.append)
     losses = [v for _, v in result.losses]
-    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     rec = [e["metrics"]["rec"] for e in events if e["event"] == "progress"]
-    assert len(rec) == 20
-    assert np.mean(rec[-5:]) < 0.6 * np.mean(rec[:5])
+    assert len(rec) == 8
+    assert np.mean(rec[-3:]) < 0.7 * np.mean(rec[:3])
     assert any(e["event"] == "done" for e in events)
     assert {"cls", "patch", "rec", "tau_t", "momentum"} <= set(result.metrics)
     fields = task.manifest_fields()
