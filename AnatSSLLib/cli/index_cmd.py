@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             index = EmbeddingIndex.open(args.index)
             search = EmbeddingSearch(EmbeddingStore(encoder, max_volumes=2), **index.settings)
+            search.check_index(index)
         paths = find_volumes(args.volumes, args.pattern)
         bar = tqdm(total=len(paths), desc=f"index {args.index_command}", unit="volume")
         for path in paths:
