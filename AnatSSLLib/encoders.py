@@ -143,3 +143,23 @@ def prepare_volume(image: Image, encoder: LoadedEncoder) -> tuple[Image, np.ndar
     check_volume(image, ndim=encoder.spatial_dims, name=image.name)
     grid = to_encoder_grid(image, encoder.spacing)
     return grid, normalise_intensity(grid.array, getattr(encoder.manifest, "intensity", None))
+
+
+def random_weights_like(encoder: LoadedEncoder, seed: int = 0) -> LoadedEncoder:
+    """The same architecture and preprocessing as ``encoder`` with freshly initialised weights.
+
+    The benchmarks' "random-weight encoder" baseline: what the tools achieve from the network's
+    inductive bias alone, without pretraining.
+    """
+    import torch
+
+    from .networks import build_network
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = build_network(encoder.manifest.architecture, dict(encoder.manifest.architecture_params))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.to(encoder.device).eval()
+    return LoadedEncoder(f"{encoder.encoder_id}-random{seed}", encoder.manifest, model, encoder.device)

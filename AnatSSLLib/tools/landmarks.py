@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..image import Image
 from ..points import PointSet
 
-__all__ = ["LandmarkLocator", "locate_landmarks"]
+__all__ = ["EncoderLandmarks", "LandmarkLocator", "locate_landmarks"]
 
 
 def _sample_trilinear(features, index_kji: np.ndarray):
@@ -187,3 +187,51 @@ def locate_landmarks(
     """
     store = store if store is not None else EmbeddingStore(encoder)
     return LandmarkLocator(store, sigmas_mm, search_radius_mm).locate(reference, points, targets)
+
+
+class EncoderLandmarks:
+    """The landmark tool behind the benchmark's ``LandmarkMethod`` protocol.
+
+    Args:
+        encoder: a cache id / name, or a :class:`~AnatSSLLib.encoders.LoadedEncoder`.
+        random_weights: use the encoder's architecture with random weights (baseline (d)).
+        **options: :class:`LandmarkLocator` fields (``sigmas_mm``, ``search_radius_mm``).
+    """
+
+    def __init__(self, encoder=None, random_weights: bool = False, device: str = "auto", **options) -> None:
+        from ..encoders import LoadedEncoder, load_encoder, random_weights_like
+
+        enc = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, device=device)
+        if enc.spatial_dims != 3:
+            raise InputError(f"encoder {enc.encoder_id} is {enc.spatial_dims}D; the landmark tool needs a 3D encoder")
+        if random_weights:
+            enc = random_weights_like(enc)
+        self.name = "random-encoder" if random_weights else "encoder"
+        self.locator = LandmarkLocator(EmbeddingStore(enc), **options)
+        self._reference: Image | None = None
+        self._points: PointSet | None = None
+
+    def prepare(self, reference: Image, ref_points: PointSet) -> None:
+        """Remember the reference and its points; embed the reference once."""
+        self._reference, self._points = reference, ref_points
+        self.locator.store.get(reference)
+
+    def locate(self, target: Image) -> PointSet:
+        if self._reference is None or self._points is None:
+            raise InputError(f"{self.name}: call prepare(reference, points) before locate(target)")
+        return self.locator.locate(self._reference, self._points, [target])[0]
+
+
+def _register_benchmark_methods() -> None:
+    """Add ``"encoder"`` and ``"random-encoder"`` to :data:`AnatSSLLib.bench.LANDMARK_METHODS`."""
+    try:
+        from .. import bench
+    except Exception:  # the benchmark module is optional for the tool
+        return
+    bench.LANDMARK_METHODS.setdefault("encoder", lambda encoder=None, **o: EncoderLandmarks(encoder, **o))
+    bench.LANDMARK_METHODS.setdefault(
+        "random-encoder", lambda encoder=None, **o: EncoderLandmarks(encoder, random_weights=True, **o)
+    )
+
+
+_register_benchmark_methods()
