@@ -391,15 +391,15 @@ def test_alice_model_ema_catch_up_and_freeze():
 
 
 def _t1w_2mm() -> np.ndarray:
-    nib = pytest.importorskip("nibabel")
     from AnatSSLLib.data.packages import autoafids_resources
+    from AnatSSLLib.image import read_image
 
     try:
         res = autoafids_resources()
     except InputError as exc:
         pytest.skip(str(exc))
-    img = nib.load(res / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz")
-    arr = np.asarray(img.dataobj, dtype=np.float32)[::2, ::2, ::2].transpose(2, 1, 0)  # [k, j, i]
+    image = read_image(res / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz")
+    arr = image.array.astype(np.float32)[::2, ::2, ::2]  # [k, j, i]
     hi = float(np.percentile(arr[arr > 0], 99.5))
     return np.clip(arr / hi, 0.0, 1.0)
 

@@ -37,10 +37,12 @@ def test_list_and_show(filled, capsys):
     assert main(["cache", "--cache-dir", str(cache.root), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["id", "method", "arch", "dims", "dim", "created", "origin"]
-    rows = {line.split()[0]: line.split() for line in out[1:3]}
+    rows = {line.split()[0]: line.split() for line in out[1:-2]}
     assert rows[a][1:5] == ["ld", "ld_unet3d", "3D", "8"] and rows[a][-1] == "user"
     assert rows[b][1:5] == ["awcl", "resnet18_2d", "2D", "128"]
-    assert "2 encoder(s)" in out[-1]
+    bundled = [eid for eid, _, origin in EncoderCache(cache.root).list() if origin == "bundled"]  # the package default
+    assert all(rows[eid][-1] in ("bundled", "default") for eid in bundled)
+    assert f"{2 + len(bundled)} encoder(s)" in out[-1]
 
     # the option also works after the action
     assert main(["cache", "show", "us-awcl", "--cache-dir", str(cache.root)]) == 0

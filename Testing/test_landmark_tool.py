@@ -107,12 +107,12 @@ def test_bad_input(random_encoder, template_2mm):
 def test_cli_writes_one_markups_file_per_target(random_encoder, template_2mm, tmp_path):
     from AnatSSLLib.cli import main
 
-    _, cache_root = random_encoder
+    encoder, cache_root = random_encoder
     ref = write_image(template_2mm.t1, tmp_path / "ref.nii.gz")
     (tmp_path / "subj").mkdir()
     tgt = write_image(_moved(template_2mm.t1, (0.0, 6.0, 0.0)), tmp_path / "subj" / "t1.nii.gz")
     pts = write_points(template_2mm.landmarks.subset(["AC", "PC"]), tmp_path / "ref.mrk.json")
-    code = main(["landmarks", "--cache-dir", str(cache_root), "--encoder", "ld", "--reference", str(ref),
+    code = main(["landmarks", "--cache-dir", str(cache_root), "--encoder", encoder.encoder_id, "--reference", str(ref),
                  "--points", str(pts), "--targets", str(tgt), "--out", str(tmp_path / "out")])
     assert code == 0
     found = read_points(tmp_path / "out" / "subj_t1.mrk.json")
