@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from fixtures_data import _require_data_packages, population_small, template_2mm  # noqa: F401  (session fixtures)
-
 from AnatSSLLib.cli import main
 from AnatSSLLib.data import synth as S
 from AnatSSLLib.data.population import load_population

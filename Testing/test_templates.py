@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from fixtures_data import _require_data_packages, template_2mm  # noqa: F401  (session fixture)
+from fixtures_data import _require_data_packages
 
 from AnatSSLLib.data import packages
 from AnatSSLLib.data import templates as T

@@ -25,7 +25,7 @@ import numpy as np
 from AnatSSLLib.errors import InputError
 from AnatSSLLib.points import PointSet
 
-from .markups import format_description, points_from_markups_node
+from .markups import points_from_markups_node
 from .scene import require_node, require_scene
 from .volumes import image_from_volume_node
 

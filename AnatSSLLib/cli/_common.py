@@ -6,7 +6,7 @@ import argparse
 
 from .cache_cmd import add_cache_option, cache_from_args
 
-__all__ = ["add_encoder_options", "encoder_from_args", "parse_point"]
+__all__ = ["add_encoder_options", "encoder_from_args", "output_stem", "parse_point"]
 
 
 def add_encoder_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -35,3 +35,20 @@ def parse_point(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected a point as X,Y,Z in mm, got {text!r}")
     return values
+
+
+def output_stem(path: str) -> str:
+    """A file-name stem for the outputs of one input volume: ``<parent folder>_<name without extension>``.
+
+    Subjects of a population keep one file name per contrast in their own folders
+    (``sub-003/t2.nii.gz`` -> ``sub-003_t2``), so the parent folder keeps outputs apart.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{p.parent.name}_{name}" if p.parent.name else name

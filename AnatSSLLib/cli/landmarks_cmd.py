@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import add_encoder_options, encoder_from_args
+from ._common import add_encoder_options, encoder_from_args, output_stem
 
 __all__ = ["add_parser", "run"]
 
@@ -32,16 +32,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _stem(path: str) -> str:
-    p = Path(path)
-    name = p.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"{p.parent.name}_{name}" if p.parent.name else name
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -59,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"encoder {encoder.encoder_id} is {encoder.spatial_dims}D; landmarks need a 3D encoder")
     reference = read_image(args.reference)
     points = read_points(args.points)
-    stems = [_stem(t) for t in args.targets]
+    stems = [output_stem(t) for t in args.targets]
     if len(set(stems)) != len(stems):
         raise InputError("two targets would write the same output file; give targets with distinct names")
     out = Path(args.out)

@@ -428,8 +428,6 @@ def make_plane_set(
     if not subjects:
         raise InputError("plane set: the population has no subjects")
 
-    import SimpleITK as sitk
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
