@@ -37,7 +37,10 @@ class LDPretrainSettings:
     The paper trains patch discrimination (stage "pd") first, then region discrimination with
     clustering (stage "ld") from it; both stages keep the paper's losses and weights.
     ``paired_contrasts`` uses co-registered contrasts of a subject as the two photometric views
-    (our extension, see :class:`~AnatSSLLib.methods.ld.LDTask`).
+    (our extension, see :class:`~AnatSSLLib.methods.ld.LDTask`). ``canonical_orientation`` keeps
+    the shared geometric augmentation small (rotations up to 15 degrees, no flips) for volumes
+    that all come in one anatomical orientation, as our encoder grids do; the paper's fundus
+    images have none, hence its +-180 degrees and flips.
     """
 
     pd_steps: int = 300
@@ -52,6 +55,7 @@ class LDPretrainSettings:
     lr: float = 1e-3
     lr_halve_every: int = 500
     paired_contrasts: bool = True
+    canonical_orientation: bool = False
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "auto"
@@ -111,6 +115,7 @@ def pretrain_ld(
     common = dict(
         spatial_dims=3, grid=settings.grid, num_clusters=settings.num_clusters, embedding_dim=settings.embedding_dim,
         features=settings.features, sampler=data.torch_sampler(channels), paired_contrasts=paired, manifest=manifest,
+        augment={"rotate_deg": (15.0, 15.0, 15.0), "shared_flip": False} if settings.canonical_orientation else None,
     )
 
     def config(steps: int, folder: str) -> TrainingConfig:

@@ -46,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, halved every --lr-halve-every)")
     p.add_argument("--lr-halve-every", type=int, default=500)
     p.add_argument("--no-paired-contrasts", action="store_true", help="do not pair co-registered contrasts as views")
+    p.add_argument("--canonical-orientation", action="store_true",
+                   help="small rotations and no flips in the shared augmentation (volumes in one anatomical orientation)")
     awcl = p.add_argument_group("AWCL (2D)")
     awcl.add_argument("--steps", type=int, default=1000, help="AWCL training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
@@ -107,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     settings = LDPretrainSettings(
         pd_steps=args.pd_steps, ld_steps=args.ld_steps, batch_size=args.batch_size, crop_size=args.crop,
         spacing_mm=args.spacing, num_clusters=args.clusters, lr=args.lr, lr_halve_every=args.lr_halve_every,
-        paired_contrasts=not args.no_paired_contrasts, seed=args.seed, device=args.device,
+        paired_contrasts=not args.no_paired_contrasts, canonical_orientation=args.canonical_orientation,
+        seed=args.seed, device=args.device,
     )
     sinks: dict = {}
 

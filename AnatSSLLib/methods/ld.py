@@ -265,11 +265,13 @@ def make_ld_batch(
     gamma: tuple[float, float] = (0.7, 1.5),
     mix_range: tuple[float, float] = (0.2, 0.8),
     flip_rot90: bool = True,
+    shared_flip: bool = True,
 ) -> LDViews:
     """LD's views of ``images`` (``2B, C, *S``: the first B are the A images, the last B the B
     images), METHODS.md 2.2.
 
-    Per image, a shared geometric augmentation: a flip of each spatial axis (p 0.5), a rotation
+    Per image, a shared geometric augmentation: a flip of each spatial axis (p 0.5; off with
+    ``shared_flip=False``, for volumes in a canonical orientation), a rotation
     (2D: +-180 degrees; 3D default ``(180, 15, 15)`` degrees in the planes (1,2), (0,2), (0,1)),
     and a random-resized crop of area/volume fraction ``crop_scale`` and aspect ``crop_ratio``
     resized back to ``S``. Then two photometric views each: a rotation of +-``view_rotate_deg``
@@ -307,6 +309,8 @@ def make_ld_batch(
     half = torch.tensor([s / 2.0 for s in shape], dtype=torch.float64)
     dg, dg_inv = torch.diag(half), torch.diag(1.0 / half)
     flip = torch.where(torch.rand((n, d), generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
+    if not shared_flip:  # volumes in a canonical orientation: keep left/right and front/back apart
+        flip = torch.ones_like(flip)
     rot = _random_rotation(gen, n, d, rotate_deg)
     scale = _uniform(gen, n, *crop_scale)
     log_r = _uniform(gen, n, math.log(crop_ratio[0]), math.log(crop_ratio[1]), d) / 2.0
