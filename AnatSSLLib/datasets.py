@@ -29,6 +29,8 @@ def find_volumes(paths: Sequence[str | os.PathLike], pattern: str | None = None)
     """Volume files under ``paths`` (files are taken as they are, folders searched recursively).
 
     ``pattern`` (a glob on the file name, e.g. ``"t1.nii.gz"``) restricts what folders yield.
+    Files in folders whose name contains ``labels`` are skipped: they are label maps (as in a
+    population folder), not images to learn from.
     """
     found: list[Path] = []
     for p in map(Path, paths):
