@@ -381,6 +381,22 @@ def inter_rater_floor(population: Any) -> dict[str, Any]:
 
 
 # ---- landmarks -------------------------------------------------------------------------------
+def _prepare_methods(methods: Sequence[Any], reference: Image, reference_data: Any) -> dict[str, dict[str, Any]]:
+    """Call ``prepare(reference, reference_data)`` on each method (timed) and start its result entry."""
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        start = time.perf_counter()
+        method.prepare(reference, reference_data)
+        results[method.name] = {
+            "description": getattr(method, "description", ""),
+            "prepare_seconds": time.perf_counter() - start,
+            "seconds": {},
+            "per_target": {},
+            "failures": {},
+        }
+    return results
+
+
 def run_landmark_benchmark(
     population: Any,
     methods: Sequence[LandmarkMethod | str],
@@ -435,17 +451,7 @@ def run_landmark_benchmark(
         skipped=skipped,
         methods={},
     )
-    results: dict[str, dict[str, Any]] = {}
-    for method in built:
-        start = time.perf_counter()
-        method.prepare(ref_image, ref_points)
-        results[method.name] = {
-            "description": getattr(method, "description", ""),
-            "prepare_seconds": time.perf_counter() - start,
-            "seconds": {},
-            "per_target": {},
-            "failures": {},
-        }
+    results = _prepare_methods(built, ref_image, ref_points)
     bar = _progress(len(chosen) * len(built), "landmarks", progress)
     try:
         for subject in chosen:
@@ -530,17 +536,7 @@ def run_segmentation_benchmark(
         skipped=skipped,
         methods={},
     )
-    results: dict[str, dict[str, Any]] = {}
-    for method in built:
-        start = time.perf_counter()
-        method.prepare(ref_image, ref_labels)
-        results[method.name] = {
-            "description": getattr(method, "description", ""),
-            "prepare_seconds": time.perf_counter() - start,
-            "seconds": {},
-            "per_target": {},
-            "failures": {},
-        }
+    results = _prepare_methods(built, ref_image, ref_labels)
     bar = _progress(len(chosen) * len(built), "segmentation", progress)
     try:
         for subject in chosen:
