@@ -370,6 +370,22 @@ def _load_population(population):
     return population
 
 
+def publish_plane_set(tmp: Path, out_dir: Path, rows: Sequence[dict], fieldnames: Sequence[str]) -> None:
+    """Write ``planes.csv`` into the finished temporary folder ``tmp``, then put it in place of
+    ``out_dir`` (an existing folder is moved aside first and removed after the swap)."""
+    with open(tmp / "planes.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
 def make_plane_set(
     population,
     out_dir: str | os.PathLike,
@@ -497,17 +513,7 @@ def make_plane_set(
                 )
             if progress is not None:
                 progress(s_idx + 1, len(subjects))
-        with open(tmp / "planes.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_plane_set(tmp, out_dir, rows, _COLUMNS)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

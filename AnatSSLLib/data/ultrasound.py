@@ -219,7 +219,6 @@ def write_ultrasound_plane_set(
     Returns:
         the path of ``planes.csv``.
     """
-    import csv
     import shutil
     import tempfile
 
@@ -256,17 +255,9 @@ def write_ultrasound_plane_set(
                 rows.append({"image": f"images/{stem}.png", "labels": "", "scan_id": name, "coarse_tag": "",
                              "fine_tag": "", "contrast": "us", "ultrasound": 1, "source": str(path),
                              "frame": f_idx, "size": size})  # fmt: skip
-        with open(tmp / "planes.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        from .planes import publish_plane_set
+
+        publish_plane_set(tmp, out_dir, rows, list(rows[0]))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
