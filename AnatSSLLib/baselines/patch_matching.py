@@ -23,6 +23,7 @@ from scipy import ndimage, signal
 
 from ..errors import InputError
 from ..image import Image
+from ..peaks import subvoxel_peak
 from ..points import PointSet
 
 __all__ = ["NCCLevel", "NCCPatchMatching", "ncc_map"]
@@ -102,22 +103,6 @@ def _offsets(half: int, step: float) -> np.ndarray:
     r = np.arange(-half, half + 1) * step
     z, y, x = np.meshgrid(r, r, r, indexing="ij")
     return np.stack([x, y, z], axis=-1)
-
-
-def _parabolic_peak(values: np.ndarray, best: tuple[int, ...]) -> np.ndarray:
-    """Sub-grid offset of the peak at ``best`` along each axis from a parabola through its neighbours."""
-    out = np.zeros(len(best))
-    for axis, b in enumerate(best):
-        if 0 < b < values.shape[axis] - 1:
-            lo = list(best)
-            hi = list(best)
-            lo[axis] -= 1
-            hi[axis] += 1
-            left, centre, right = values[tuple(lo)], values[best], values[tuple(hi)]
-            curv = left - 2.0 * centre + right
-            if curv < 0:
-                out[axis] = float(np.clip(0.5 * (left - right) / curv, -0.5, 0.5))
-    return out
 
 
 class _Sampler:
@@ -207,7 +192,7 @@ class NCCPatchMatching:
                 block = sampler.sample(current[n] + grid, level.spacing_mm)
                 ncc = ncc_map(block, patches[n])
                 best = np.unravel_index(int(np.argmax(ncc)), ncc.shape)  # (z, y, x) in the valid map
-                sub = np.asarray(best, dtype=float) + _parabolic_peak(ncc, best)
+                sub = subvoxel_peak(ncc, best)
                 step = (sub[::-1] - level.search_half) * level.spacing_mm
                 current[n] = current[n] + step
                 score[n] = float(ncc[best])

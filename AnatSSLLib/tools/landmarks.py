@@ -38,6 +38,7 @@ import numpy as np
 from ..embedding import EmbeddedVolume, EmbeddingStore
 from ..errors import InputError
 from ..image import Image
+from ..peaks import subvoxel_peak
 from ..points import PointSet
 
 __all__ = ["EncoderLandmarks", "LandmarkLocator", "locate_landmarks"]
@@ -61,22 +62,6 @@ def _sample_trilinear(features, index_kji: np.ndarray):
         vals = features[(slice(None),) + tuple(torch.as_tensor(pos[:, a]) for a in range(nd))]  # D, N
         out = out + vals * torch.as_tensor(w, dtype=features.dtype)
     return torch.nn.functional.normalize(out.T, dim=1)
-
-
-def _subvoxel_peak(sim: np.ndarray, peak: tuple[int, ...]) -> np.ndarray:
-    """Refine an integer argmax of ``sim`` by a parabola through its neighbours on each axis."""
-    offset = np.zeros(len(peak))
-    for axis, p in enumerate(peak):
-        if 0 < p < sim.shape[axis] - 1:
-            lo = list(peak)
-            hi = list(peak)
-            lo[axis] -= 1
-            hi[axis] += 1
-            a, b, c = sim[tuple(lo)], sim[peak], sim[tuple(hi)]
-            denom = a - 2 * b + c
-            if denom < 0:
-                offset[axis] = float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
-    return np.asarray(peak, dtype=float) + offset
 
 
 @dataclasses.dataclass
@@ -188,7 +173,7 @@ class LandmarkLocator:
                     sims = (support[start : start + 16] @ flat).reshape(-1, *shape)
                     for r, sim in enumerate(sims.numpy()):
                         p = np.unravel_index(int(np.argmax(sim)), sim.shape)
-                        new_peaks[start + r] = _subvoxel_peak(sim, p)
+                        new_peaks[start + r] = subvoxel_peak(sim, p)
                         conf[start + r] = float(sim[p])
             else:
                 radius = np.ceil(self.search_radius_mm / spacing_kji).astype(int)
@@ -199,7 +184,7 @@ class LandmarkLocator:
                     window = feats[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))]
                     sim = torch.einsum("d,d...->...", support[r], window).numpy()
                     p = np.unravel_index(int(np.argmax(sim)), sim.shape)
-                    new_peaks[r] = _subvoxel_peak(sim, p) + lo
+                    new_peaks[r] = subvoxel_peak(sim, p) + lo
                     conf[r] = float(sim[p])
             peaks = new_peaks
         lps = tgt.grid.index_to_physical(peaks[:, ::-1])
