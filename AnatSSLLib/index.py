@@ -99,15 +99,31 @@ class EmbeddingIndex:
         self.ef_search = int(ef_search)
         self.settings = dict(settings or {})
         self.volumes: list[IndexedVolume] = []
-        self._vectors = np.zeros((0, self.dim), dtype=np.float16)
-        self._positions = np.zeros((0, 3), dtype=np.float32)
-        self._volume_of = np.zeros((0,), dtype=np.int32)
+        self._stored = {
+            "vectors": np.zeros((0, self.dim), dtype=np.float16),
+            "positions": np.zeros((0, 3), dtype=np.float32),
+            "volume_of": np.zeros((0,), dtype=np.int32),
+        }
+        # Volumes added since the arrays were last joined: joining once per read instead of once
+        # per add keeps building an index of thousands of volumes linear in its size.
+        self._pending: list[dict[str, np.ndarray]] = []
         self._volume_vectors = np.zeros((0, self.dim), dtype=np.float32)
         self._faiss_index = None
 
+    def _joined(self, key: str) -> np.ndarray:
+        if self._pending:
+            for name in self._stored:
+                self._stored[name] = np.concatenate([self._stored[name]] + [block[name] for block in self._pending])
+            self._pending = []
+        return self._stored[key]
+
+    _vectors = property(lambda self: self._joined("vectors"), lambda self, v: self._stored.__setitem__("vectors", v))
+    _positions = property(lambda self: self._joined("positions"), lambda self, v: self._stored.__setitem__("positions", v))
+    _volume_of = property(lambda self: self._joined("volume_of"), lambda self, v: self._stored.__setitem__("volume_of", v))
+
     # ---- contents ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self._vectors.shape[0])
+        return int(self._stored["vectors"].shape[0]) + sum(len(block["vectors"]) for block in self._pending)
 
     @property
     def effective_kind(self) -> str:
@@ -132,9 +148,11 @@ class EmbeddingIndex:
         vectors = vectors / np.maximum(norms, 1e-12)
         number = len(self.volumes)
         self.volumes.append(dataclasses.replace(volume, n_regions=int(vectors.shape[0])))
-        self._vectors = np.concatenate([self._vectors, vectors.astype(np.float16)])
-        self._positions = np.concatenate([self._positions, positions])
-        self._volume_of = np.concatenate([self._volume_of, np.full(len(vectors), number, np.int32)])
+        self._pending.append({
+            "vectors": vectors.astype(np.float16),
+            "positions": positions,
+            "volume_of": np.full(len(vectors), number, np.int32),
+        })
         mean = vectors.mean(axis=0)
         self._volume_vectors = np.concatenate([self._volume_vectors, (mean / max(np.linalg.norm(mean), 1e-12))[None]])
         self._faiss_index = None
