@@ -112,7 +112,8 @@ class SearchMethod(Protocol):
     """Embedding search: ``index`` a set of named volumes, then ``query`` a point of another volume.
 
     ``query(image, point, k)`` returns up to ``k`` ranked matches ``(volume_name, position_lps_mm,
-    score)``, best first.
+    score)``, best first. A method may also have ``best_in_each(image, point)``: the single best
+    match in every indexed volume (then the benchmark reports the top answer per subject).
     """
 
     name: str
@@ -592,7 +593,10 @@ def run_search_benchmark(
     (``query_contrast``, default ``contrast``) is one query. A returned match is correct when it lies
     in a target within ``radius_mm`` of that target's same landmark (LPS mm). Report:
     ``precision_at_{k}`` per ``k``, ``per_landmark`` precision at the largest ``k``, ``n_queries``,
-    ``index_seconds``, ``seconds_per_query``.
+    ``index_seconds``, ``seconds_per_query``. When the searcher has ``best_in_each``, also
+    ``top_answer_precision``: over (query, target) pairs, how often the target's best match is
+    correct (a target with no match counts as wrong), with ``top_answer_error_mm`` (median, mean) and
+    ``top_answer_per_landmark``.
 
     Raises:
         InputError: no searcher given (search methods come with an encoder, from the search tool).
@@ -612,6 +616,7 @@ def run_search_benchmark(
     queries = ref.landmarks()
     kmax = max(ks)
     relevant: dict[str, list[bool]] = {}
+    top_errors: dict[str, list[float]] = {}
     start = time.perf_counter()
     for label, point in zip(queries.labels, queries.positions):
         hits = searcher.query(query_image, np.asarray(point, dtype=float), kmax)
@@ -620,6 +625,13 @@ def run_search_benchmark(
             for name, pos, _score in hits
         ]
     query_seconds = time.perf_counter() - start
+    if hasattr(searcher, "best_in_each"):
+        for label, point in zip(queries.labels, queries.positions):
+            best = {name: pos for name, pos, _score in reversed(searcher.best_in_each(query_image, np.asarray(point, dtype=float)))}
+            top_errors[label] = [
+                float(np.linalg.norm(np.asarray(best[name], dtype=float) - truths[name].position(label))) if name in best else math.inf
+                for name in truths
+            ]
     report = _header("search", command)
     report.update(
         population=_population_info(population),
@@ -635,6 +647,15 @@ def run_search_benchmark(
     )
     for k in ks:
         report[f"precision_at_{k}"] = precision_at_k(relevant.values(), k)
+    if top_errors:
+        errors = np.array([e for errs in top_errors.values() for e in errs])
+        finite = errors[np.isfinite(errors)]
+        report["top_answer_precision"] = float(np.mean(errors <= radius_mm))
+        report["top_answer_error_mm"] = {
+            "median": float(np.median(errors)),
+            "mean": float(finite.mean()) if len(finite) else math.nan,
+        }
+        report["top_answer_per_landmark"] = {label: float(np.mean(np.array(e) <= radius_mm)) for label, e in top_errors.items()}
     if out_json is not None:
         write_report(report, out_json)
     return report
@@ -766,10 +787,13 @@ def format_table(report: Mapping[str, Any], per_landmark: bool = False) -> str:
         lines.append("| **mean** | " + " | ".join(_fmt(methods[n]["mean_dice"], 3) for n in names) + " |")
         lines.append("| s/target | " + " | ".join(_fmt(methods[n]["seconds_per_target"], 1) for n in names) + " |")
     elif task == "search":
-        lines += ["| method | " + " | ".join(k for k in report if k.startswith("precision_at_")) + " | s/query |",
-                  "| --- | " + " | ".join("---:" for k in report if k.startswith("precision_at_")) + " | ---: |",
+        columns = [k for k in report if k.startswith("precision_at_")] + (
+            ["top_answer_precision"] if "top_answer_precision" in report else []
+        )
+        lines += ["| method | " + " | ".join(columns) + " | s/query |",
+                  "| --- | " + " | ".join("---:" for _ in columns) + " | ---: |",
                   f"| {report.get('method')} | "
-                  + " | ".join(_fmt(v, 3) for k, v in report.items() if k.startswith("precision_at_"))
+                  + " | ".join(_fmt(report[k], 3) for k in columns)
                   + f" | {_fmt(report.get('seconds_per_query'), 3)} |"]
     elif task == "pretrain":
         peak = report.get("peak_memory_bytes")

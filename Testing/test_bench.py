@@ -257,6 +257,28 @@ def test_search_benchmark_precision(population):
     assert report["n_queries"] == 2
 
 
+class HalfRightSearch(PerfectSearch):
+    """Best answer in the first target is the true landmark; in the second it is 10 mm off."""
+
+    def best_in_each(self, image, point):
+        label = self.label_of(point)
+        first, second = self.names
+        return [(first, self.truth[first].position(label), 1.0),
+                (second, self.truth[second].position(label) + np.array([10.0, 0.0, 0.0]), 0.5)]
+
+
+def test_search_benchmark_top_answer_per_subject(population):
+    searcher = HalfRightSearch()
+    searcher.truth = {s.name: s.landmarks() for s in population.subjects}
+    tpl = population.template.landmarks()
+    searcher.label_of = lambda p: tpl.labels[int(np.argmin(np.linalg.norm(tpl.positions - p, axis=1)))]
+    report = bench.run_search_benchmark(population, searcher, ks=(1, 10))
+    assert report["top_answer_precision"] == pytest.approx(0.5)
+    assert report["top_answer_error_mm"]["mean"] == pytest.approx(5.0)
+    assert set(report["top_answer_per_landmark"].values()) == {0.5}
+    assert "top_answer_precision" in bench.format_table(report)
+
+
 def test_pretrain_benchmark_throughput():
     class Probe:
         name = "sleepy"

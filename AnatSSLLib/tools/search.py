@@ -176,3 +176,74 @@ def _volume_name(source, image: Image) -> str:
     p = Path(source)
     stem = p.name.split(".")[0]
     return f"{p.parent.name}/{stem}" if p.parent.name else stem
+
+
+class EncoderSearch:
+    """The search tool behind the benchmark's ``SearchMethod`` protocol.
+
+    ``query`` ranks region entries over all indexed volumes; ``best_in_each`` gives the single best
+    place in every indexed volume (the "top answer for that subject" of the search benchmark).
+
+    Args:
+        encoder: a cache id / name, or a :class:`~AnatSSLLib.encoders.LoadedEncoder`.
+        random_weights: the encoder's architecture with random weights (the baseline).
+        refine: polish each hit with the landmark tool's local matching in its volume.
+        **options: :class:`EmbeddingSearch` options (``grid_mm``, ``sigma_mm``).
+    """
+
+    def __init__(self, encoder=None, random_weights: bool = False, refine: bool = False, device: str = "auto", **options) -> None:
+        from ..encoders import LoadedEncoder, load_encoder, random_weights_like
+
+        enc = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, device=device)
+        if enc.spatial_dims != 3:
+            raise InputError(f"encoder {enc.encoder_id} is {enc.spatial_dims}D; the search benchmark needs a 3D encoder")
+        if random_weights:
+            enc = random_weights_like(enc)
+        self.name = ("random-encoder" if random_weights else "encoder") + ("+refine" if refine else "")
+        self.refine = refine
+        self.search = EmbeddingSearch(EmbeddingStore(enc, max_volumes=64), **options)
+        self._index: EmbeddingIndex | None = None
+        self._images: dict[str, Image] = {}
+
+    def index(self, volumes: Sequence[tuple[str, Image]]) -> None:
+        self._index = self.search.new_index()
+        self._images = dict(volumes)
+        self.search.add(self._index, [img for _, img in volumes], names=[n for n, _ in volumes])
+
+    def _hits(self, image: Image, point, k: int, one_per_volume: bool) -> list[tuple[str, np.ndarray, float]]:
+        if self._index is None:
+            raise InputError(f"{self.name}: call index(volumes) before querying")
+        hits = self.search.search_point(self._index, image, point, k=k, one_per_volume=one_per_volume)
+        out = []
+        for hit in hits:
+            position, score = hit.position, hit.score
+            if self.refine:
+                position, score = self._locator().refine(image, point, self._images[hit.volume], hit.position)
+            out.append((hit.volume, np.asarray(position, dtype=float), float(score)))
+        return out
+
+    def _locator(self) -> LandmarkLocator:
+        if not hasattr(self, "_loc"):
+            s = self.search
+            self._loc = LandmarkLocator(s.store, sigmas_mm=(s.sigma_mm, 2.0), search_radius_mm=2 * s.grid_mm)
+        return self._loc
+
+    def query(self, image: Image, point, k: int) -> list[tuple[str, np.ndarray, float]]:
+        return self._hits(image, point, k, one_per_volume=False)
+
+    def best_in_each(self, image: Image, point) -> list[tuple[str, np.ndarray, float]]:
+        return self._hits(image, point, len(self._images), one_per_volume=True)
+
+
+def _register_benchmark_methods() -> None:
+    """Add ``"encoder"``, ``"encoder+refine"`` and ``"random-encoder"`` to :data:`AnatSSLLib.bench.SEARCH_METHODS`."""
+    try:
+        from .. import bench
+    except Exception:  # the benchmark module is optional for the tool
+        return
+    bench.SEARCH_METHODS.setdefault("encoder", lambda encoder=None, **o: EncoderSearch(encoder, **o))
+    bench.SEARCH_METHODS.setdefault("encoder+refine", lambda encoder=None, **o: EncoderSearch(encoder, refine=True, **o))
+    bench.SEARCH_METHODS.setdefault("random-encoder", lambda encoder=None, **o: EncoderSearch(encoder, random_weights=True, **o))
+
+
+_register_benchmark_methods()
