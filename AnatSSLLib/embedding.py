@@ -42,27 +42,21 @@ def gaussian_smooth(features, sigma_vox: tuple[float, ...]):
     import torch
     import torch.nn.functional as F
 
-    x = features.unsqueeze(0)  # 1, D, *S
-    nd = x.ndim - 2
-    d = x.shape[1]
+    x = features
     for axis, sigma in enumerate(sigma_vox):
         if sigma <= 0:
             continue
         radius = max(1, int(np.ceil(3.0 * sigma)))
         t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
         kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        shape = [1] * nd
-        shape[axis] = kernel.numel()
-        weight = kernel.reshape(1, 1, *shape).repeat(d, 1, *([1] * nd))
-        pad = [0, 0] * nd
-        # F.pad lists the last axis first
-        pad[2 * (nd - 1 - axis)] = radius
-        pad[2 * (nd - 1 - axis) + 1] = radius
-        x = F.pad(x, pad, mode="replicate")
-        conv = F.conv3d if nd == 3 else F.conv2d
-        x = conv(x, weight, groups=d)
-    return F.normalize(x[0], dim=0)
+        kernel = (kernel / kernel.sum()).reshape(1, 1, -1)
+        # One 1D convolution along ``axis`` over every line of the volume: memory stays that of the
+        # volume (a depthwise 3D convolution with a long kernel can ask for many gigabytes).
+        moved = x.movedim(axis + 1, -1)
+        lines = moved.reshape(-1, 1, moved.shape[-1])
+        lines = F.pad(lines, (radius, radius), mode="replicate")
+        x = F.conv1d(lines, kernel).reshape(moved.shape).movedim(-1, axis + 1)
+    return F.normalize(x, dim=0)
 
 
 @dataclasses.dataclass
