@@ -40,7 +40,9 @@ class LDPretrainSettings:
     (our extension, see :class:`~AnatSSLLib.methods.ld.LDTask`). ``canonical_orientation`` keeps
     the shared geometric augmentation small (rotations up to 15 degrees, no flips) for volumes
     that all come in one anatomical orientation, as our encoder grids do; the paper's fundus
-    images have none, hence its +-180 degrees and flips.
+    images have none, hence its +-180 degrees and flips. ``view_warp_vox`` > 0 also deforms view 2
+    by a smooth random displacement of about that many voxels, undone on the features (our
+    extension, see :func:`~AnatSSLLib.methods.ld.make_ld_batch`).
     """
 
     pd_steps: int = 300
@@ -56,6 +58,7 @@ class LDPretrainSettings:
     lr_halve_every: int = 500
     paired_contrasts: bool = True
     canonical_orientation: bool = False
+    view_warp_vox: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "auto"
@@ -63,6 +66,15 @@ class LDPretrainSettings:
     def key(self, data_fingerprint: str) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "device": None, "data": data_fingerprint}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _augment(settings: LDPretrainSettings) -> dict[str, Any]:
+    augment: dict[str, Any] = {}
+    if settings.canonical_orientation:
+        augment.update(rotate_deg=(15.0, 15.0, 15.0), shared_flip=False)
+    if settings.view_warp_vox > 0:
+        augment.update(view_warp_vox=float(settings.view_warp_vox))
+    return augment
 
 
 def pretrain_ld(
@@ -115,7 +127,7 @@ def pretrain_ld(
     common = dict(
         spatial_dims=3, grid=settings.grid, num_clusters=settings.num_clusters, embedding_dim=settings.embedding_dim,
         features=settings.features, sampler=data.torch_sampler(channels), paired_contrasts=paired, manifest=manifest,
-        augment={"rotate_deg": (15.0, 15.0, 15.0), "shared_flip": False} if settings.canonical_orientation else None,
+        augment=_augment(settings),
     )
 
     def config(steps: int, folder: str) -> TrainingConfig:

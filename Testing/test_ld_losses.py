@@ -30,6 +30,7 @@ from AnatSSLLib.methods.ld import (
     region_discrimination_loss,
     region_embeddings,
     undo_flip_rot90,
+    unwarp_features,
 )
 
 TAU = 0.1
@@ -291,3 +292,38 @@ def test_ld_loss_rewards_aligned_views():
     wrong = LDViews(v.images, v.lam, v.flips, (v.rot90_k + 1) % 4)
     _, misaligned = loss(e, None, wrong)
     assert aligned["pd"] < misaligned["pd"]
+
+
+# ------------------------------------------------------------------------------ view warp (ours)
+
+
+def _smooth_field(size: int) -> torch.Tensor:
+    z, y, x = torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij")
+    return torch.stack([torch.sin(2 * x) + 2, torch.cos(3 * y), torch.sin(2 * z + x)])[None]
+
+
+def test_unwarp_features_inverts_a_smooth_warp():
+    size = 24
+    f = _smooth_field(size)
+    control = torch.randn((1, 3, 4, 4, 4), generator=torch.Generator().manual_seed(1)) * 1.5  # voxels
+    dense = torch.nn.functional.interpolate(control, size=(size,) * 3, mode="trilinear", align_corners=True)
+    warp = (dense * (2.0 / size)).flip(1).movedim(1, -1)  # normalised x-y-z
+    identity = torch.nn.functional.affine_grid(torch.eye(3, 4)[None], [1, 3] + [size] * 3, align_corners=False)
+    warped = torch.nn.functional.grid_sample(f, identity + warp, padding_mode="border", align_corners=False)
+    inner = (slice(None), slice(None)) + (slice(4, -4),) * 3
+    truth = torch.nn.functional.normalize(f, dim=1)[inner]
+    undone = unwarp_features(warped, warp)[inner]
+    assert (undone - truth).abs().max() < 0.03
+    assert (torch.nn.functional.normalize(warped, dim=1)[inner] - truth).abs().max() > 0.15  # the warp mattered
+
+
+def test_warped_views_pass_through_batch_rows_and_loss():
+    x = torch.rand(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    v = make_ld_batch(x, torch.Generator().manual_seed(2), view_warp_vox=1.5)
+    assert v.warp.shape == (4, 16, 16, 16, 3)
+    assert v.rows(slice(0, 1)).warp.shape == (2, 16, 16, 16, 3)
+    assert torch.equal(LDViews.from_any(v.as_dict()).warp, v.warp)
+    e = torch.nn.functional.normalize(torch.randn(10, 8, 16, 16, 16, generator=torch.Generator().manual_seed(3)), dim=1)
+    total, terms = LDLoss("pd", grid=4)(e, None, v)
+    assert torch.isfinite(total) and set(terms) == {"pd", "mix"}
+    assert make_ld_batch(x, torch.Generator().manual_seed(2)).warp is None  # off by default, as the paper

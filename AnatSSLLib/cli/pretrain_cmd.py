@@ -42,12 +42,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=int, default=2, help="image pairs per step (default 2)")
     p.add_argument("--crop", type=int, default=32, help="crop edge in voxels, a multiple of 16 (default 32)")
     p.add_argument("--spacing", type=float, default=2.0, help="training voxel size in mm (default 2)")
+    p.add_argument("--grid", type=int, default=4,
+                   help="patches per crop edge for patch discrimination; the crop must divide by it (default 4: 8-voxel patches)")
     p.add_argument("--clusters", type=int, default=16, help="number of clusters K (default 16, as the paper)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, halved every --lr-halve-every)")
     p.add_argument("--lr-halve-every", type=int, default=500)
     p.add_argument("--no-paired-contrasts", action="store_true", help="do not pair co-registered contrasts as views")
     p.add_argument("--canonical-orientation", action="store_true",
                    help="small rotations and no flips in the shared augmentation (volumes in one anatomical orientation)")
+    p.add_argument("--view-warp", type=float, default=0.0, metavar="VOXELS",
+                   help="deform the second view by a smooth random displacement of about this many voxels, "
+                        "undone on the features (our extension; default 0: off, as the paper)")
     awcl = p.add_argument_group("AWCL (2D)")
     awcl.add_argument("--steps", type=int, default=1000, help="AWCL training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
@@ -108,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
     settings = LDPretrainSettings(
         pd_steps=args.pd_steps, ld_steps=args.ld_steps, batch_size=args.batch_size, crop_size=args.crop,
-        spacing_mm=args.spacing, num_clusters=args.clusters, lr=args.lr, lr_halve_every=args.lr_halve_every,
+        spacing_mm=args.spacing, grid=args.grid, num_clusters=args.clusters, lr=args.lr, lr_halve_every=args.lr_halve_every,
         paired_contrasts=not args.no_paired_contrasts, canonical_orientation=args.canonical_orientation,
-        seed=args.seed, device=args.device,
+        view_warp_vox=args.view_warp, seed=args.seed, device=args.device,
     )
     sinks: dict = {}
 

@@ -64,6 +64,7 @@ __all__ = [
     "make_ld_batch",
     "apply_flip_rot90",
     "undo_flip_rot90",
+    "unwarp_features",
     "average_patches",
     "centre_weighted_patches",
     "gaussian_pool_at",
@@ -124,12 +125,15 @@ class LDViews:
         lam: ``B``, mixup weights of A in M.
         flips: ``2B, d`` bool, axes flipped in ``[A2, B2]`` (before the rotation).
         rot90_k: ``2B`` long, quarter turns of ``[A2, B2]`` in the plane of the last two axes.
+        warp: ``2B, *S, d`` or None: the smooth displacement (grid_sample's normalised x-y-z
+            units, before the flip/rot90) by which ``[A2, B2]`` were sampled; undone on the features.
     """
 
     images: Tensor
     lam: Tensor
     flips: Tensor
     rot90_k: Tensor
+    warp: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -137,7 +141,10 @@ class LDViews:
 
     def as_dict(self) -> dict[str, Tensor]:
         """Plain dict of tensors (what the engine moves to the device)."""
-        return {"images": self.images, "lam": self.lam, "flips": self.flips, "rot90_k": self.rot90_k}
+        out = {"images": self.images, "lam": self.lam, "flips": self.flips, "rot90_k": self.rot90_k}
+        if self.warp is not None:
+            out["warp"] = self.warp
+        return out
 
     @classmethod
     def from_any(cls, batch: LDViews | Mapping[str, Tensor]) -> LDViews:
@@ -145,7 +152,7 @@ class LDViews:
         if isinstance(batch, LDViews):
             return batch
         if isinstance(batch, Mapping) and {"images", "lam", "flips", "rot90_k"} <= set(batch):
-            return cls(batch["images"], batch["lam"], batch["flips"], batch["rot90_k"])
+            return cls(batch["images"], batch["lam"], batch["flips"], batch["rot90_k"], batch.get("warp"))
         raise InputError(
             "LD batch: expected LDViews or a dict with images, lam, flips, rot90_k, got "
             f"{type(batch).__name__}"
@@ -158,7 +165,8 @@ class LDViews:
         img = torch.cat([self.images[g * b + idx] for g in range(5)])
         fl = torch.cat([self.flips[g * b + idx] for g in range(2)])
         k = torch.cat([self.rot90_k[g * b + idx] for g in range(2)])
-        return LDViews(img, self.lam[idx], fl, k)
+        warp = None if self.warp is None else torch.cat([self.warp[g * b + idx] for g in range(2)])
+        return LDViews(img, self.lam[idx], fl, k, warp)
 
 
 def apply_flip_rot90(x: Tensor, flips: Tensor, k: Tensor) -> Tensor:
@@ -266,6 +274,8 @@ def make_ld_batch(
     mix_range: tuple[float, float] = (0.2, 0.8),
     flip_rot90: bool = True,
     shared_flip: bool = True,
+    view_warp_vox: float = 0.0,
+    view_warp_control: int = 4,
 ) -> LDViews:
     """LD's views of ``images`` (``2B, C, *S``: the first B are the A images, the last B the B
     images), METHODS.md 2.2.
@@ -280,6 +290,13 @@ def make_ld_batch(
     k quarter turns (k in 0..3; in the plane of the last two axes; only k in {0, 2} when those
     two sizes differ); :func:`undo_flip_rot90` undoes it on the features. Mixup
     ``M = lam*A1 + (1-lam)*B1``, ``lam ~ U(mix_range)``.
+
+    ``view_warp_vox > 0`` (our extension, off by default; not in the paper): view 2 is also
+    sampled through a smooth random displacement (normal control values of standard deviation
+    ``view_warp_vox`` voxels on a ``view_warp_control``-per-axis grid, interpolated), which
+    :class:`LDLoss` undoes on the features. The same anatomy under two different local
+    deformations is then one positive pair, so the embedding learns to ignore the shape
+    differences between subjects that patch discrimination alone treats as identity.
 
     Each view is one ``grid_sample`` (bilinear) of the original image with the composed affine
     map; outside the image is filled with the image's minimum. Random numbers come from
@@ -326,11 +343,21 @@ def make_ld_batch(
     bshape = (n,) + (1,) * (d + 1)
     base = images - lo.view(bshape)
 
+    warp = None
+    if view_warp_vox > 0:
+        control = torch.randn((n, d) + (int(view_warp_control),) * d, generator=gen) * float(view_warp_vox)
+        mode = "bilinear" if d == 2 else "trilinear"
+        dense = F.interpolate(control, size=shape, mode=mode, align_corners=True)  # n, d (axis order), *S voxels
+        to_normalised = torch.tensor([2.0 / s for s in shape]).view(1, d, *([1] * d))
+        warp = (dense * to_normalised).flip(1).movedim(1, -1).to(images.device, images.dtype)  # n, *S, d (x-y-z)
+
     views = []
-    for _ in range(2):
+    for view in range(2):
         vrot = _random_rotation(gen, n, d, [view_rotate_deg] * (1 if d == 2 else 3))
         theta = _view_grids(shape, (a_shared, t_shared), vrot).to(images.device, images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        if view == 1 and warp is not None:  # sample at theta(x + u(x))
+            grid = grid + torch.einsum("n...j,nij->n...i", warp, theta[:, :, :d])
         v = F.grid_sample(base, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         u = (v / span.view(bshape)).clamp(0.0, 1.0)
         g = _uniform(gen, n, *gamma).to(images.dtype).view(bshape)
@@ -355,7 +382,26 @@ def make_ld_batch(
     lam = _uniform(gen, b, *mix_range).to(images.dtype)
     mix = lam.view((b,) + (1,) * (d + 1)) * v1[:b] + (1 - lam.view((b,) + (1,) * (d + 1))) * v1[b:]
     out = torch.cat([v1[:b], v1[b:], v2[:b], v2[b:], mix])
-    return LDViews(images=out, lam=lam, flips=flips, rot90_k=k.long())
+    return LDViews(images=out, lam=lam, flips=flips, rot90_k=k.long(), warp=warp)
+
+
+def unwarp_features(features: Tensor, warp: Tensor, iterations: int = 3) -> Tensor:
+    """Features ``N, D, *S`` of images sampled at ``x + warp(x)``, brought back to ``x``.
+
+    ``warp`` is ``N, *S, d`` in grid_sample's normalised x-y-z units. The inverse displacement
+    solves ``q + warp(q) = x`` by a few fixed-point steps (``q <- x - warp(q)``), which converge for
+    the smooth, few-voxel fields of :func:`make_ld_batch`. Unit norm per voxel kept.
+    """
+    n, d = features.shape[0], features.ndim - 2
+    eye = torch.eye(d, d + 1, dtype=features.dtype, device=features.device).expand(n, d, d + 1)
+    identity = F.affine_grid(eye, list(features.shape), align_corners=False)
+    field = warp.movedim(-1, 1)  # N, d, *S
+    q = identity - warp
+    for _ in range(iterations):
+        at_q = F.grid_sample(field, q, mode="bilinear", padding_mode="border", align_corners=False).movedim(1, -1)
+        q = identity - at_q
+    out = F.grid_sample(features, q, mode="bilinear", padding_mode="border", align_corners=False)
+    return l2_normalize(out, dim=1)
 
 
 # ----------------------------------------------------------------------------------- patch pooling
@@ -768,13 +814,22 @@ class LDLoss(nn.Module):
         if embedding.shape[0] != 5 * b:
             raise InputError(f"LDLoss: expected 5B = {5 * b} embeddings [A1,B1,A2,B2,M], got shape {tuple(embedding.shape)}")
         d = embedding.ndim - 2
-        p = self.patches(embedding)  # 5B, G^d, D
-        g = p.shape[1]
-        grid_shape = (self.grid,) * d
-        # undo view 2's flip/rot90 on the patch grid so cells line up with view 1
-        v2 = p[2 * b : 4 * b].transpose(1, 2).reshape(2 * b, -1, *grid_shape)
-        v2 = undo_flip_rot90(v2, views.flips.to(p.device), views.rot90_k.to(p.device))
-        v2 = v2.reshape(2 * b, -1, g).transpose(1, 2)
+        if views.warp is not None:
+            # view 2 was sampled through a displacement: undo flip/rot90 and the warp on the
+            # full-resolution features, then pool (cells then line up with view 1)
+            e2 = undo_flip_rot90(embedding[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
+            e2 = unwarp_features(e2, views.warp.to(embedding.device, embedding.dtype))
+            p = self.patches(torch.cat([embedding[: 2 * b], e2, embedding[4 * b :]]))
+            g = p.shape[1]
+            v2 = p[2 * b : 4 * b]
+        else:
+            p = self.patches(embedding)  # 5B, G^d, D
+            g = p.shape[1]
+            grid_shape = (self.grid,) * d
+            # undo view 2's flip/rot90 on the patch grid so cells line up with view 1
+            v2 = p[2 * b : 4 * b].transpose(1, 2).reshape(2 * b, -1, *grid_shape)
+            v2 = undo_flip_rot90(v2, views.flips.to(p.device), views.rot90_k.to(p.device))
+            v2 = v2.reshape(2 * b, -1, g).transpose(1, 2)
         f = torch.cat([p[: 2 * b], v2]).reshape(-1, p.shape[2])
         terms: dict[str, Tensor] = {}
         terms["pd"] = patch_discrimination_loss(f, _half_pairs(f.shape[0], f.device), self.tau, self.detach_keys)
@@ -831,7 +886,7 @@ def _split_contrast_views(views: LDViews) -> LDViews:
     first = views.images[:, :1]
     second = views.images[:, 1:]
     images = torch.cat([first[: 2 * b], second[2 * b : 4 * b], first[4 * b :]])
-    return LDViews(images, views.lam, views.flips, views.rot90_k)
+    return LDViews(images, views.lam, views.flips, views.rot90_k, views.warp)
 
 
 class LDTask:
