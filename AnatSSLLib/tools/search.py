@@ -209,6 +209,7 @@ class EncoderSearch:
         self._index = self.search.new_index()
         self._images = dict(volumes)
         self.search.add(self._index, [img for _, img in volumes], names=[n for n, _ in volumes])
+        self._index.search_vectors(np.zeros(self._index.dim, np.float32), 1)  # build FAISS now: index time, not query time
 
     def _hits(self, image: Image, point, k: int, one_per_volume: bool) -> list[tuple[str, np.ndarray, float]]:
         if self._index is None:
