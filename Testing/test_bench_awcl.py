@@ -1,0 +1,107 @@
+"""Smoke tests of benchmarks/bench_awcl.py's pieces on a tiny synthetic tagged set (a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from AnatSSLLib.cache import EncoderCache
+from AnatSSLLib.methods.awcl_data import TaggedImageSet
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_awcl.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_awcl", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_awcl"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _toy_set(n_scans: int = 4, per_scan: int = 10, size: int = 32) -> TaggedImageSet:
+    """Two fine classes (a bright square top-left or bottom-right, label 1), one coarse class; every
+    fifth image untagged (its true tag kept in ``true_fine_tag``)."""
+    rng = np.random.default_rng(0)
+    n = n_scans * per_scan
+    images = rng.uniform(0, 0.2, (n, 1, size, size)).astype(np.float32)
+    labels = np.zeros((n, size, size), np.int64)
+    fine_true = []
+    for i in range(n):
+        top = i % 2 == 0
+        r0, c0 = (4, 4) if top else (18, 18)
+        images[i, 0, r0 : r0 + 10, c0 : c0 + 10] += 0.7
+        labels[i, r0 : r0 + 10, c0 : c0 + 10] = 1
+        fine_true.append("top_left" if top else "bottom_right")
+    tagged = [i % 5 != 4 for i in range(n)]
+    return TaggedImageSet(
+        images=images,
+        scan_ids=[f"sub-{i // per_scan:03d}" for i in range(n)],
+        coarse=["square" if t else None for t in tagged],
+        fine=[f if t else None for f, t in zip(fine_true, tagged)],
+        labels=labels,
+        extra={"true_fine_tag": fine_true, "true_coarse_tag": ["square"] * n},
+    )
+
+
+def test_split_holds_out_last_subjects_and_large_labels(bench):
+    data = _toy_set()
+    tr, te, held = bench.split_subjects(data, 1)
+    assert held == ["sub-003"]
+    assert {data.scan_ids[i] for i in te} == {"sub-003"} and "sub-003" not in {data.scan_ids[i] for i in tr}
+    assert len(tr) == 30 and len(te) == 10
+    # the square covers 100/1024 ~ 9.8 % of the pixels: label 1 is "large" at 1 %, not at 20 %
+    assert bench.large_labels(data, tr) == [1]
+    assert bench.large_labels(data, tr, fraction=0.2) == []
+    with pytest.raises(ValueError):
+        bench.split_subjects(data, 4)
+
+
+def test_configurations_cover_the_issue_grid(bench):
+    names = [c[0] for c in bench.configurations([0.25, 0.5, 0.75, 1.0])]
+    assert names[:2] == ["random_init", "instance_r0"]
+    assert "awcl_coarse_r0.25" in names and "awcl_fine_r1" in names and len(names) == 10
+
+
+def test_summary_and_verdict_known_answer(bench):
+    runs = {
+        "instance_r0": {"0": dict(probe_accuracy=0.5, probe_macro_f1=0.4, seg_dice_all=0.2, seg_dice_large=0.6),
+                        "1": dict(probe_accuracy=0.7, probe_macro_f1=0.6, seg_dice_all=0.2, seg_dice_large=0.6)},
+        "awcl_fine_r0.5": {"0": dict(probe_accuracy=0.8, probe_macro_f1=0.8, seg_dice_all=0.3, seg_dice_large=0.7)},
+    }  # fmt: skip
+    s = bench.summarise(runs)
+    assert s["instance_r0"]["probe_accuracy"] == pytest.approx(0.6)
+    assert s["instance_r0"]["probe_accuracy_spread"] == pytest.approx(0.1)
+    assert s["instance_r0"]["probe_accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
+    v = bench.verdict(runs, [0.5, 1.0])  # paired by seed: only seed 0 is common
+    assert v["awcl_fine_r0.5"]["seeds"] == ["0"]
+    assert v["awcl_fine_r0.5"]["probe_accuracy_delta"] == pytest.approx(0.3)
+    assert v["awcl_fine_r0.5"]["seg_dice_all_seeds_ahead"] == 1
+    assert v["awcl_fine_r0.5"]["beats_on_all"] is True
+    assert "awcl_fine_r1" not in v and v["fine_ratios_beating_instance_on_probe_and_seg"] == ["awcl_fine_r0.5"]
+
+
+def test_tiny_pretrain_and_evaluate(bench, tmp_path):
+    torch.set_num_threads(1)
+    data = _toy_set()
+    tr, te, _ = bench.split_subjects(data, 1)
+    arch = {"backbone": "resnet10", "widen_factor": 0.125, "proj_hidden": 64, "proj_dim": 16}
+    encoder, facts = bench.pretrain(data.subset(tr), 0.5, "fine", arch, steps=2, batch_size=8, seed=0,
+                                    cache=EncoderCache(tmp_path / "cache", bundled=()))  # fmt: skip
+    assert facts["encoder_id"] and facts["samples_per_s"] > 0 and np.isfinite(facts["final_loss"])
+    res = bench.evaluate_encoder(encoder, data, tr, te, seg_steps=3, seg_freeze=False, seed=0, large=[1])
+    assert res["probe_n_train"] == 30 and res["probe_n_test"] == 10  # untagged rows scored via true tags
+    # two classes told apart by where a bright square is: trivially separable by the probe
+    assert res["probe_train_accuracy"] == 1.0 and res["probe_accuracy"] >= 0.8
+    assert 0.0 <= res["seg_dice_all"] <= 1.0 and res["seg_dice_large"] == pytest.approx(res["seg_dice_all"])
+    out = tmp_path / "r.json"
+    bench.atomic_write_json(out, {"runs": {"x": res}})
+    assert json.loads(out.read_text())["runs"]["x"]["probe_n_test"] == 10
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".r.json")] == []

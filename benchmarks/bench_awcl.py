@@ -1,0 +1,414 @@
+"""AWCL ablation (issue 6): random init, plain instance contrast and AWCL coarse/fine over the anatomy ratio.
+
+    python benchmarks/bench_awcl.py --work /tmp/awcl_bench_data --subjects 8 --res 3 \
+        --test-subjects 2 --steps 800 --seg-steps 1000 --seeds 0,1,2,3 \
+        --out benchmarks/results/awcl_ablation.json
+
+(the committed result was made as ``--seeds 0,1`` then the same with ``--seeds 0,1,2,3 --resume``;
+about 140 s per configuration and seed with one torch thread, 94 min in all).
+
+One run, one data set, one backbone, one step budget, one seed list for every configuration:
+
+- **data**: a simulated population (:func:`AnatSSLLib.data.synth.synthesize_population`, t1 and
+  t2) cut into a tagged 2D plane set (:func:`AnatSSLLib.data.planes.make_plane_set`: 11 fine tags
+  in 3 coarse families, ``--untagged`` of the images untagged); both are built once under
+  ``--work`` and reused. The last ``--test-subjects`` subjects are held out of **everything** that
+  trains: pretraining, the linear probe's fit and the segmentation fine-tuning.
+- **configurations**: ``random_init`` (no pretraining), ``instance_r0`` (AWCL with anatomy ratio 0
+  = plain instance contrast, SimCLR), ``awcl_coarse_r{r}`` and ``awcl_fine_r{r}`` for every ``r``
+  in ``--ratios``; each pretrained with :class:`AnatSSLLib.methods.awcl.AWCLTask` on the shared
+  engine (Adam, weight decay 1e-6, batch 32, tau 0.5, as the paper; fewer steps, a narrow ResNet
+  and 64 px images: a CPU scale-down).
+- **linear probe** (:func:`AnatSSLLib.tools.awcl_eval.linear_probe`): frozen features, multinomial
+  logistic regression fitted on the training subjects' images, scored on the held-out subjects'
+  images; classes = the **true fine tags** (the ``true_fine_tag`` column, so untagged images are
+  scored too); accuracy and macro F1.
+- **segmentation** (:func:`AnatSSLLib.tools.awcl_eval.finetune_segmentation`): a U-Net-like decoder
+  on the encoder, **fine-tuned end to end** (encoder not frozen; ``--seg-freeze`` for the frozen
+  protocol) for ``--seg-steps`` steps with Dice + CE on the training subjects' label maps (25
+  foreground labels); Dice on the held-out subjects. Reported: the mean over all 25 foreground
+  labels (primary) and the mean over the *large* labels (those covering at least 1 % of the
+  training pixels: at 3 mm and 64 px the small deep nuclei are a few pixels wide and mostly score 0).
+
+Results are written (atomically) after every configuration, so a killed run keeps what it finished;
+``--resume`` (same settings) keeps the finished (configuration, seed) results of ``--out`` and runs
+the rest, e.g. more seeds; ``commands`` lists every invocation that contributed.
+Seeds are the outer loop: seed 0 completes every configuration before seed 1 starts. The summary
+gives the mean, the spread (half the max - min range) and the standard deviation over finished
+seeds; the verdict compares AWCL fine with ``instance_r0`` paired by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from AnatSSLLib import __version__  # noqa: E402
+from AnatSSLLib.methods.awcl_data import TaggedImageSet, read_tagged_images  # noqa: E402
+from AnatSSLLib.tools.awcl_eval import class_labels, extract_features, finetune_segmentation, linear_probe  # noqa: E402
+
+LARGE_LABEL_FRACTION = 0.01
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def build_plane_set(
+    work: str | os.PathLike, n_subjects: int, res_mm: float, per_subject: int, size: int,
+    untagged: float, seed: int = 1,
+) -> Path:
+    """The plane set's ``planes.csv`` under ``work`` (population and planes built once, then reused)."""
+    from AnatSSLLib.data.planes import make_plane_set
+    from AnatSSLLib.data.synth import synthesize_population
+
+    work = Path(work)
+    pop = work / f"pop-n{n_subjects}-t1t2-s{seed}-r{res_mm:g}"
+    if not (pop / "population.json").is_file():
+        synthesize_population(pop, n_subjects, ("t1", "t2"), seed=seed, res_mm=res_mm, force=pop.exists())
+    planes = work / f"planes-n{n_subjects}-s{seed}-r{res_mm:g}-{size}px-{per_subject}pp-u{untagged:g}"
+    return make_plane_set(pop, planes, per_subject=per_subject, size=size, spacing_mm=res_mm,
+                          untagged_fraction=untagged, seed=0)  # fmt: skip
+
+
+def load_planes(csv_path: str | os.PathLike, size: int) -> TaggedImageSet:
+    """Read the plane set (no warning expected; any is re-raised as a note on stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = read_tagged_images(csv_path, size=size)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return data
+
+
+def split_subjects(data: TaggedImageSet, n_test: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Train/test image indices: the last ``n_test`` scan ids (sorted) are held out."""
+    scans = sorted(set(data.scan_ids))
+    if not 1 <= n_test < len(scans):
+        raise ValueError(f"--test-subjects: expected 1..{len(scans) - 1} (the set has {len(scans)} subjects), got {n_test}")
+    held = scans[-n_test:]
+    test = np.array([s in held for s in data.scan_ids])
+    return np.nonzero(~test)[0], np.nonzero(test)[0], held
+
+
+def large_labels(data: TaggedImageSet, train_idx: np.ndarray, fraction: float = LARGE_LABEL_FRACTION) -> list[int]:
+    """Foreground labels covering at least ``fraction`` of the training images' pixels."""
+    counts = np.bincount(data.labels[train_idx].ravel(), minlength=int(data.labels.max()) + 1)
+    share = counts / counts.sum()
+    return [int(k) for k in range(1, len(counts)) if share[k] >= fraction]
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_encoder(
+    encoder: torch.nn.Module, data: TaggedImageSet, train_idx: np.ndarray, test_idx: np.ndarray, *,
+    seg_steps: int, seg_freeze: bool, seed: int, large: list[int], probe_column: str = "true_fine_tag",
+) -> dict[str, Any]:
+    """Linear probe on ``probe_column`` and segmentation fine-tuning; metrics on ``test_idx``."""
+    t0 = time.time()
+    rows, y, names = class_labels(data, label_column=probe_column)
+    y_all = np.full(len(data), -1, dtype=np.int64)
+    y_all[rows] = y
+    tr, te = train_idx[y_all[train_idx] >= 0], test_idx[y_all[test_idx] >= 0]
+    feats = extract_features(encoder, data.images)
+    probe = linear_probe(feats[tr], y_all[tr], feats[te], y_all[te], len(names))
+    t1 = time.time()
+    seg = finetune_segmentation(encoder, data, train_idx, test_idx, freeze=seg_freeze, steps=seg_steps,
+                                batch_size=16, lr=1e-3, seed=seed)  # fmt: skip
+    t2 = time.time()
+    dice = seg["dice"]
+    big = [dice[k] for k in large if np.isfinite(dice.get(k, float("nan")))]
+    return {
+        "probe_accuracy": probe["accuracy"],
+        "probe_macro_f1": probe["macro_f1"],
+        "probe_train_accuracy": probe["train_accuracy"],
+        "probe_n_train": int(len(tr)),
+        "probe_n_test": int(len(te)),
+        "seg_dice_all": seg["mean_dice"],
+        "seg_dice_large": float(np.mean(big)) if big else float("nan"),
+        "seg_dice_per_label": {str(k): round(v, 4) for k, v in dice.items()},
+        "seg_final_train_loss": seg["final_train_loss"],
+        "probe_seconds": round(t1 - t0, 1),
+        "seg_seconds": round(t2 - t1, 1),
+    }
+
+
+def configurations(ratios: list[float]) -> list[tuple[str, float | None, str]]:
+    """``(name, anatomy ratio, granularity)``; ratio None = random init (no pretraining)."""
+    out: list[tuple[str, float | None, str]] = [("random_init", None, "-"), ("instance_r0", 0.0, "fine")]
+    out += [(f"awcl_coarse_r{r:g}", r, "coarse") for r in ratios]
+    out += [(f"awcl_fine_r{r:g}", r, "fine") for r in ratios]
+    return out
+
+
+def pretrain(
+    data: TaggedImageSet, ratio: float, granularity: str, arch: dict[str, Any], *, steps: int, batch_size: int,
+    seed: int, cache,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """AWCL pretraining on ``data``; the trained encoder (loaded back from ``cache``) and run facts."""
+    from AnatSSLLib.engine import TrainingConfig, train
+    from AnatSSLLib.methods.awcl import AWCLTask
+    from AnatSSLLib.tools.awcl_eval import load_awcl_encoder
+
+    task = AWCLTask(data, ratio=ratio, granularity=granularity, **arch)
+    config = TrainingConfig(steps=steps, batch_size=batch_size, lr=1e-3, weight_decay=1e-6, device="cpu", seed=seed,
+                            log_every=10**9, prefetch=0, checkpoint_every=0)  # fmt: skip
+    res = train(task, config, cache=cache, name=f"bench-awcl-{granularity}-r{ratio:g}-s{seed}")
+    encoder = load_awcl_encoder(res.encoder_id, cache=cache)
+    losses = [v for _, v in res.losses]
+    return encoder, {
+        "pretrain_seconds": round(res.seconds, 1),
+        "samples_per_s": round(res.samples_per_second, 1),
+        "final_loss": round(float(np.mean(losses[-20:])), 4),
+        "first_loss": round(float(np.mean(losses[:20])), 4),
+        "last_step_metrics": {k: round(float(v), 4) for k, v in res.metrics.items()},
+        "encoder_id": res.encoder_id,
+    }
+
+
+# --------------------------------------------------------------------------------------- summary
+
+METRICS = ("probe_accuracy", "probe_macro_f1", "seg_dice_all", "seg_dice_large")
+
+
+def summarise(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per configuration: mean and spread (half the range) of each metric over its finished seeds."""
+    out = {}
+    for name, by_seed in runs.items():
+        row: dict[str, Any] = {"seeds": sorted(by_seed)}
+        for m in METRICS:
+            v = np.array([r[m] for r in by_seed.values()], dtype=float)
+            row[m] = round(float(v.mean()), 4)
+            row[m + "_spread"] = round(float((v.max() - v.min()) / 2), 4)
+            row[m + "_std"] = round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0
+        out[name] = row
+    return out
+
+
+def verdict(runs: dict[str, dict[str, dict[str, Any]]], ratios: list[float]) -> dict[str, Any]:
+    """Issue 6's bar: AWCL fine against plain instance contrast (``instance_r0``), paired by seed.
+
+    Per fine ratio: the mean over common seeds of (fine - instance) for each metric, the number of
+    seeds where fine is ahead, and ``beats_on_all`` (mean delta > 0 for probe accuracy, probe
+    macro F1 and the primary segmentation Dice), ``beats_clearly_on`` (the metrics whose paired mean
+    delta exceeds two standard errors of the paired deltas).
+    """
+    base = runs.get("instance_r0", {})
+    out: dict[str, Any] = {}
+    for r in ratios:
+        name = f"awcl_fine_r{r:g}"
+        fine = runs.get(name, {})
+        common = sorted(set(base) & set(fine))
+        if not common:
+            continue
+        row: dict[str, Any] = {"seeds": common}
+        for m in METRICS:
+            d = np.array([fine[s][m] - base[s][m] for s in common])
+            row[m + "_delta"] = round(float(d.mean()), 4)
+            row[m + "_delta_se"] = round(float(d.std(ddof=1) / np.sqrt(len(d))), 4) if len(d) > 1 else None
+            row[m + "_seeds_ahead"] = int((d > 0).sum())
+        main = ("probe_accuracy", "probe_macro_f1", "seg_dice_all")
+        row["beats_on_all"] = bool(all(row[m + "_delta"] > 0 for m in main))
+        # "clearly": the paired mean difference exceeds two standard errors (needs >= 2 seeds)
+        row["beats_clearly_on"] = [m for m in main if row[m + "_delta_se"] is not None
+                                   and row[m + "_delta"] > 2 * row[m + "_delta_se"]]  # fmt: skip
+        out[name] = row
+    if out:
+        out["fine_ratios_beating_instance_on_probe_and_seg"] = [k for k, v in out.items() if v["beats_on_all"]]
+    return out
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, default=str)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a results file is for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/awcl_bench_data", help="folder for the population, plane set and encoder cache")
+    p.add_argument("--csv", default=None, help="use this plane set CSV instead of building one")
+    p.add_argument("--subjects", type=int, default=8, help="simulated subjects (default 8)")
+    p.add_argument("--res", type=float, default=3.0, help="voxel size and plane pixel size, mm (default 3)")
+    p.add_argument("--per-subject", type=int, default=88, help="planes per subject (default 88 = 8 per fine tag)")
+    p.add_argument("--size", type=int, default=64, help="plane side, pixels (default 64)")
+    p.add_argument("--untagged", type=float, default=0.2, help="fraction of untagged images (default 0.2)")
+    p.add_argument("--test-subjects", type=int, default=2, help="subjects held out of all training (default 2)")
+    p.add_argument("--ratios", default="0.25,0.5,0.75,1", help="anatomy ratios of the AWCL runs")
+    p.add_argument("--configs", default=None, help="comma-separated subset of configuration names (default all)")
+    p.add_argument("--backbone", default="resnet10", help="MONAI ResNet depth (default resnet10)")
+    p.add_argument("--widen", type=float, default=0.5, help="ResNet width factor (default 0.5: h is 256-d)")
+    p.add_argument("--steps", type=int, default=600, help="pretraining steps per configuration (default 600)")
+    p.add_argument("--batch-size", type=int, default=32, help="pretraining batch (default 32, the paper's)")
+    p.add_argument("--seg-steps", type=int, default=1000, help="segmentation fine-tuning steps (default 1000)")
+    p.add_argument("--seg-freeze", action="store_true", help="segmentation with the encoder frozen (default: fine-tuned)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (outer loop)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (config, seed) results already in --out (same settings) and run only the missing ones")
+    p.add_argument("--out", default="benchmarks/results/awcl_ablation.json", help="result JSON (atomic, rewritten after each config)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from AnatSSLLib.cache import EncoderCache
+
+    t_start = time.time()
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    csv_path = Path(args.csv) if args.csv else build_plane_set(args.work, args.subjects, args.res, args.per_subject,
+                                                                args.size, args.untagged)  # fmt: skip
+    data = load_planes(csv_path, args.size)
+    train_idx, test_idx, held = split_subjects(data, args.test_subjects)
+    pre = data.subset(train_idx)  # pretraining never sees a held-out subject
+    large = large_labels(data, train_idx)
+    label_names = {}
+    for cand in sorted(Path(csv_path).parent.parent.glob("pop-*/population.json")):
+        label_names = json.loads(cand.read_text()).get("label_names", {})
+        break
+    configs = configurations(ratios)
+    if args.configs:
+        keep = set(args.configs.split(","))
+        configs = [c for c in configs if c[0] in keep]
+    arch = {"backbone": args.backbone, "widen_factor": args.widen, "proj_hidden": int(512 * args.widen), "proj_dim": 128}
+    cache = EncoderCache(Path(args.work) / "cache", bundled=())
+    fine_tags = sorted({t for t in data.extra["true_fine_tag"] if t})
+    report: dict[str, Any] = {
+        "benchmark": "AWCL ablation (issue 6): anatomy ratio x tag granularity",
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus (shared with another training job)",
+        "torch_threads": torch.get_num_threads(),
+        "data": {
+            "source": "simulated population (anatssl data synth: MNI152 2009c under random affine + diffeomorphic "
+                      "warps, t1 and t2), cut into anatomical standard planes (anatssl data planes)",
+            "csv": str(csv_path),
+            "subjects": sorted(set(data.scan_ids)),
+            "held_out_subjects": held,
+            "held_out_from": "pretraining, linear-probe fit and segmentation training",
+            "n_images": len(data),
+            "n_train_images": int(len(train_idx)),
+            "n_test_images": int(len(test_idx)),
+            "image_size_px": args.size,
+            "pixel_mm": args.res,
+            "untagged_fraction": args.untagged,
+            "contrasts": sorted(set(data.extra.get("contrast", []))),
+            "fine_tags": fine_tags,
+            "coarse_tags": sorted({t for t in data.extra["true_coarse_tag"] if t}),
+            "seg_labels": "25 foreground labels (csf, gm, wm, deep nuclei, ventricles, brainstem, cerebellum, bone, soft tissue)",
+            "seg_large_labels": {str(k): label_names.get(str(k), str(k)) for k in large},
+        },
+        "settings": {
+            "backbone": args.backbone, "widen_factor": args.widen, "norm": "batch", "feature_dim": int(512 * args.widen),
+            "projection": f"Linear({int(512 * args.widen)},{int(512 * args.widen)})-ReLU-Linear(.,128), L2",
+            "tau": 0.5, "base_tau": 0.07, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-6,
+            "batch_size": args.batch_size, "pretrain_steps": args.steps, "prefetch": 0,
+            "ratios": ratios, "seeds": seeds,
+            "seed_controls": "random-init weights, pretraining batches/augmentations/weights, segmentation decoder and batches; "
+                             "the subject split is fixed",
+        },
+        "protocol": {
+            "probe": "linear probe (frozen features standardised on train, multinomial logistic regression, L2 1e-3, "
+                     "L-BFGS 300 it.) on the true fine tag (11 classes) of every image; train = training subjects, "
+                     "test = held-out subjects",
+            "segmentation": (f"{'frozen encoder' if args.seg_freeze else 'fine-tuned end to end (encoder not frozen)'}: "
+                             f"U-Net-like decoder (width 32) on the encoder's 5 stage maps, DiceCE, Adam 1e-3, "
+                             f"batch 16, {args.seg_steps} steps, flip augmentation; Dice on held-out subjects "
+                             f"(MONAI DiceMetric, mean_batch); seg_dice_all = mean over the 25 foreground labels "
+                             f"(primary), seg_dice_large = mean over labels >= 1 % of training pixels"),
+            "seg_freeze": bool(args.seg_freeze),
+            "seg_steps": args.seg_steps,
+            "spread": "<metric>_spread = half the range (max - min)/2 over seeds (with 2 seeds mean +- spread covers both); "
+                      "<metric>_std = sample standard deviation over seeds",
+        },
+        "runs": {},
+        "summary": {},
+        "verdict": {},
+    }
+    out = Path(args.out)
+    report["commands"] = [report["command"]]
+    if args.resume and out.is_file():
+        old = json.loads(out.read_text())
+        same = ("settings", "protocol")
+        for key in same:
+            a = {k: v for k, v in old.get(key, {}).items() if k not in ("seeds", "spread")}
+            b = {k: v for k, v in report[key].items() if k not in ("seeds", "spread")}
+            if a != b:
+                raise SystemExit(f"--resume: {out} was made with other {key}: {a} != {b}")
+        if old.get("data", {}).get("csv") != report["data"]["csv"]:
+            raise SystemExit(f"--resume: {out} was made from {old.get('data', {}).get('csv')}, not {csv_path}")
+        report["runs"] = old.get("runs", {})
+        report["commands"] = old.get("commands", [old.get("command")]) + [report["command"]]
+        report["date_first"] = old.get("date_first", old.get("date"))
+        report["settings"]["seeds"] = sorted({*map(int, old["settings"]["seeds"]), *seeds})
+        # wall time of the earlier invocations (if a file lacks it: the sum of its config times)
+        spent = sum(r.get("config_seconds", 0.0) for by_seed in report["runs"].values() for r in by_seed.values())
+        t_start -= float(old.get("total_seconds", spent))
+        report["summary"] = summarise(report["runs"])
+        report["verdict"] = verdict(report["runs"], ratios)
+    atomic_write_json(out, report)
+    print(f"data: {len(data)} images, train {len(train_idx)} / test {len(test_idx)} (held out {held}); "
+          f"large labels {large}", flush=True)  # fmt: skip
+    for seed in seeds:
+        for name, ratio, gran in configs:
+            if str(seed) in report["runs"].get(name, {}):
+                continue  # finished in an earlier run (--resume)
+            t0 = time.time()
+            torch.manual_seed(seed)
+            if ratio is None:
+                from AnatSSLLib.networks.awcl_net import awcl_resnet2d
+
+                encoder = awcl_resnet2d(in_channels=1, backbone=args.backbone, widen_factor=args.widen)
+                facts: dict[str, Any] = {}
+            else:
+                encoder, facts = pretrain(pre, ratio, gran, arch, steps=args.steps, batch_size=args.batch_size,
+                                          seed=seed, cache=cache)  # fmt: skip
+            res = evaluate_encoder(encoder, data, train_idx, test_idx, seg_steps=args.seg_steps,
+                                   seg_freeze=args.seg_freeze, seed=seed, large=large)  # fmt: skip
+            res.update(facts, ratio=ratio, granularity=gran, config_seconds=round(time.time() - t0, 1))
+            report["runs"].setdefault(name, {})[str(seed)] = res
+            report["summary"] = summarise(report["runs"])
+            report["verdict"] = verdict(report["runs"], ratios)
+            report["total_seconds"] = round(time.time() - t_start, 1)
+            atomic_write_json(out, report)
+            print(f"seed {seed} {name:18s} probe acc {res['probe_accuracy']:.3f} F1 {res['probe_macro_f1']:.3f} "
+                  f"seg dice all {res['seg_dice_all']:.3f} large {res['seg_dice_large']:.3f} "
+                  f"({res['config_seconds']:.0f} s)", flush=True)  # fmt: skip
+    report["finished"] = True
+    report["total_seconds"] = round(time.time() - t_start, 1)
+    atomic_write_json(out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
