@@ -627,7 +627,8 @@ def run_search_benchmark(
     query_seconds = time.perf_counter() - start
     if hasattr(searcher, "best_in_each"):
         for label, point in zip(queries.labels, queries.positions):
-            best = {name: pos for name, pos, _score in reversed(searcher.best_in_each(query_image, np.asarray(point, dtype=float)))}
+            ranked = searcher.best_in_each(query_image, np.asarray(point, dtype=float))
+            best = {name: pos for name, pos, _score in reversed(ranked)}  # reversed: a volume's first (best) hit wins
             top_errors[label] = [
                 float(np.linalg.norm(np.asarray(best[name], dtype=float) - truths[name].position(label))) if name in best else math.inf
                 for name in truths

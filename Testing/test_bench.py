@@ -315,3 +315,15 @@ def test_cli_bench_landmarks_on_a_synthesized_population(tmp_path, capsys):
     assert rc == 2 and "unknown landmark method 'nope'" in capsys.readouterr().err
     rc = main(["bench", "search", "--population", str(folder)])
     assert rc == 2 and "no encoder given" in capsys.readouterr().err
+
+
+def test_encoder_search_method_on_real_encoder(population):
+    from AnatSSLLib.tools.search import EncoderSearch
+
+    searcher = bench.SEARCH_METHODS["encoder"](encoder=None)  # the bundled default encoder
+    assert isinstance(searcher, EncoderSearch)
+    report = bench.run_search_benchmark(population, searcher, ks=(1, 10))
+    tpl = population.template.landmarks()
+    best = searcher.best_in_each(population.template.image("t1"), tpl.positions[0])
+    assert sorted(name for name, _, _ in best) == ["sub-000", "sub-001"]  # one best place per indexed volume
+    assert 0.0 <= report["top_answer_precision"] <= 1.0 and np.isfinite(report["top_answer_error_mm"]["median"])

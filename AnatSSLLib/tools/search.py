@@ -204,6 +204,7 @@ class EncoderSearch:
         self.search = EmbeddingSearch(EmbeddingStore(enc, max_volumes=64), **options)
         self._index: EmbeddingIndex | None = None
         self._images: dict[str, Image] = {}
+        self._refiner: LandmarkLocator | None = None
 
     def index(self, volumes: Sequence[tuple[str, Image]]) -> None:
         self._index = self.search.new_index()
@@ -224,10 +225,10 @@ class EncoderSearch:
         return out
 
     def _locator(self) -> LandmarkLocator:
-        if not hasattr(self, "_loc"):
+        if self._refiner is None:
             s = self.search
-            self._loc = LandmarkLocator(s.store, sigmas_mm=(s.sigma_mm, 2.0), search_radius_mm=2 * s.grid_mm)
-        return self._loc
+            self._refiner = LandmarkLocator(s.store, sigmas_mm=(s.sigma_mm, 2.0), search_radius_mm=2 * s.grid_mm)
+        return self._refiner
 
     def query(self, image: Image, point, k: int) -> list[tuple[str, np.ndarray, float]]:
         return self._hits(image, point, k, one_per_volume=False)
