@@ -15,7 +15,7 @@ from .cache_cmd import add_cache_option, cache_from_args
 
 __all__ = ["add_parser", "run"]
 
-METHODS = ("ld", "awcl")
+METHODS = ("ld", "awcl", "alice")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -53,8 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--view-warp", type=float, default=0.0, metavar="VOXELS",
                    help="deform the second view by a smooth random displacement of about this many voxels, "
                         "undone on the features (our extension; default 0: off, as the paper)")
-    awcl = p.add_argument_group("AWCL (2D)")
-    awcl.add_argument("--steps", type=int, default=1000, help="AWCL training steps (default 1000)")
+    awcl = p.add_argument_group("AWCL (2D) and Alice (3D)")
+    awcl.add_argument("--steps", type=int, default=1000, help="AWCL or Alice training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
     awcl.add_argument("--granularity", choices=("coarse", "fine"), default="fine", help="anatomy tags that define positives (default fine)")
     awcl.add_argument("--backbone", default="resnet18", help="MONAI ResNet depth: resnet10, resnet18, resnet34, resnet50 (default resnet18)")
@@ -106,6 +106,37 @@ def _run_awcl(args: argparse.Namespace, progress, token) -> object:
     return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
 
 
+def _run_alice(args: argparse.Namespace, progress, token) -> object:
+    """Alice on volumes, with same-volume views (overlapping crops under strong augmentation).
+
+    Cross-volume mining needs an anatomical matcher; the CLI does not offer one yet, because our
+    LD encoders do not match anatomy across subjects reliably (benchmarks/README.md, feature probe).
+    """
+    from ..datasets import VolumeCrops
+    from ..encoders import DEFAULT_INTENSITY
+    from ..engine import TrainingConfig, train
+    from ..methods.alice import AliceTask
+    from ..pretraining import default_run_dir
+
+    if args.images:
+        raise InputError("Alice pretraining takes volumes (--data or --population), not --images")
+    if args.crop % 32:
+        raise InputError(f"Alice needs a crop that is a multiple of 32 voxels, got --crop {args.crop}")
+    spacing = (args.spacing,) * 3
+    data = VolumeCrops(_subjects(args), spacing=spacing, crop_size=args.crop, intensity=DEFAULT_INTENSITY)
+    volumes = [arr[0] for arr in data.subjects]  # first contrast of each subject
+    manifest = {
+        "spacing": list(spacing), "intensity": dict(DEFAULT_INTENSITY), "data_fingerprint": data.data_fingerprint,
+        "description": f"3D Alice encoder: {args.steps} steps on {len(volumes)} volumes, same-volume views, "
+                       f"{args.crop}^3 crops at {args.spacing} mm",
+    }
+    task = AliceTask(volumes, steps=args.steps, crop=args.crop, view_mode="same", body_threshold=0.1, manifest=manifest)
+    run_dir = args.run_dir or str(default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-n{args.steps}-s{args.seed}")
+    config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", seed=args.seed,
+                            checkpoint_every=50, checkpoint_dir=run_dir, device=args.device)
+    return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..engine import CancelToken
     from ..pretraining import LDPretrainSettings, pretrain_ld
@@ -130,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     with token.handle_signals():
         if args.method == "awcl":
             result = _run_awcl(args, progress, token)
+        elif args.method == "alice":
+            result = _run_alice(args, progress, token)
         else:
             if args.images:
                 raise InputError("LD pretraining takes volumes (--data or --population), not --images")

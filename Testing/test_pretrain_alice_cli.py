@@ -1,0 +1,30 @@
+"""`anatssl pretrain --method alice` on a real (simulated) population: a cached 3D encoder the tools can load."""
+
+from __future__ import annotations
+
+from AnatSSLLib.cache import EncoderCache
+from AnatSSLLib.cli import main
+from AnatSSLLib.embedding import EmbeddingStore
+from AnatSSLLib.encoders import load_encoder
+
+
+def test_alice_pretrain_cli_caches_a_usable_encoder(population_small, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["pretrain", "--method", "alice", "--population", str(population_small.path), "--contrasts", "t1",
+            "--steps", "2", "--batch-size", "1", "--crop", "32", "--spacing", "3", "--device", "cpu",
+            "--progress", "none", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache), "--name", "alice-test"]
+    assert main(args) == 0
+    entries = EncoderCache(cache, bundled=[]).list()
+    assert len(entries) == 1
+    encoder = load_encoder("alice-test", cache=EncoderCache(cache, bundled=[]), device="cpu")
+    assert encoder.method == "alice" and encoder.spatial_dims == 3 and tuple(encoder.spacing) == (3.0, 3.0, 3.0)
+    subject = population_small.subjects[0]
+    embedded = EmbeddingStore(encoder, roi_size=32).get(subject.image("t2"))
+    assert embedded.features.shape[0] == encoder.manifest.embedding_dim
+
+
+def test_alice_pretrain_cli_refuses_a_crop_it_cannot_use(population_small, tmp_path, capsys):
+    rc = main(["pretrain", "--method", "alice", "--population", str(population_small.path), "--crop", "48",
+               "--steps", "1", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")])
+    assert rc != 0 and "multiple of 32" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # nothing cached
