@@ -60,24 +60,6 @@ def summary(d: dict[int, float]) -> dict[str, float]:
     return {"mean_tissue": m(TISSUE), "mean_brain": m(BRAIN), "mean_all": m(ALL)}
 
 
-def random_encoder(like, root: Path):
-    import torch
-
-    from AnatSSLLib.cache import EncoderCache, EncoderManifest
-    from AnatSSLLib.encoders import load_encoder
-    from AnatSSLLib.networks import build_network
-
-    torch.manual_seed(0)
-    m = like.manifest
-    cache = EncoderCache(root, bundled=[])
-    net = build_network(m.architecture, dict(m.architecture_params))
-    manifest = EncoderManifest(method=m.method, architecture=m.architecture, architecture_params=dict(m.architecture_params),
-                               embedding_dim=m.embedding_dim, spatial_dims=m.spatial_dims, spacing=list(m.spacing),
-                               intensity=dict(m.intensity or {}))
-    eid = cache.save(net.state_dict(), manifest)
-    return load_encoder(eid, cache=cache, device="cpu")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--population", default="/work/pops/eval10")
@@ -96,7 +78,6 @@ def main(argv=None) -> int:
     if args.merge:
         return merge(args.merge, Path(args.out))
 
-    import tempfile
 
     import torch
 
@@ -104,7 +85,7 @@ def main(argv=None) -> int:
     from AnatSSLLib.cache import EncoderCache
     from AnatSSLLib.data.population import load_population
     from AnatSSLLib.embedding import EmbeddingStore
-    from AnatSSLLib.encoders import load_encoder
+    from AnatSSLLib.encoders import load_encoder, random_weights_like
     from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
 
     torch.set_num_threads(args.threads)
@@ -115,14 +96,13 @@ def main(argv=None) -> int:
     cache = EncoderCache(args.cache_dir) if args.cache_dir else EncoderCache()
     enc = load_encoder(args.encoder, cache=cache, device="cpu")
     segmenters = {}
-    tmp = tempfile.TemporaryDirectory()
     if {"embedding", "embedding+likelihood", "hybrid"} & set(methods):
         store = EmbeddingStore(enc)
         segmenters["embedding"] = CrossModalitySegmenter(store)
         segmenters["embedding+likelihood"] = CrossModalitySegmenter(store, likelihood_weight=args.likelihood_weight)
         segmenters["hybrid"] = CrossModalitySegmenter(store, initial_alignment="registration")
     if "random" in methods or "random+hybrid" in methods:
-        rstore = EmbeddingStore(random_encoder(enc, Path(tmp.name)))
+        rstore = EmbeddingStore(random_weights_like(enc))
         segmenters["random"] = CrossModalitySegmenter(rstore)
         segmenters["random+hybrid"] = CrossModalitySegmenter(rstore, initial_alignment="registration")
     for s in segmenters.values():
