@@ -145,6 +145,21 @@ def prepare_volume(image: Image, encoder: LoadedEncoder) -> tuple[Image, np.ndar
     return grid, normalise_intensity(grid.array, getattr(encoder.manifest, "intensity", None))
 
 
+def encoder_for_tool(
+    encoder: str | LoadedEncoder | None, tool: str, *, device: str = "auto", random_weights: bool = False
+) -> LoadedEncoder:
+    """A loaded 3D encoder for ``tool`` (named in the error): ``encoder`` as given or loaded from the
+    cache by id / name (None: the default), optionally with :func:`random_weights_like`.
+
+    Raises:
+        InputError: the encoder is not 3D.
+    """
+    enc = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, device=device)
+    if enc.spatial_dims != 3:
+        raise InputError(f"encoder {enc.encoder_id} is {enc.spatial_dims}D; {tool} needs a 3D encoder")
+    return random_weights_like(enc) if random_weights else enc
+
+
 def random_weights_like(encoder: LoadedEncoder, seed: int = 0) -> LoadedEncoder:
     """The same architecture and preprocessing as ``encoder`` with freshly initialised weights.
 

@@ -220,13 +220,9 @@ class EncoderLandmarks:
     """
 
     def __init__(self, encoder=None, random_weights: bool = False, device: str = "auto", **options) -> None:
-        from ..encoders import LoadedEncoder, load_encoder, random_weights_like
+        from ..encoders import encoder_for_tool
 
-        enc = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, device=device)
-        if enc.spatial_dims != 3:
-            raise InputError(f"encoder {enc.encoder_id} is {enc.spatial_dims}D; the landmark tool needs a 3D encoder")
-        if random_weights:
-            enc = random_weights_like(enc)
+        enc = encoder_for_tool(encoder, "the landmark tool", device=device, random_weights=random_weights)
         self.name = "random-encoder" if random_weights else "encoder"
         self.locator = LandmarkLocator(EmbeddingStore(enc), **options)
         self._reference: Image | None = None

@@ -192,13 +192,9 @@ class EncoderSearch:
     """
 
     def __init__(self, encoder=None, random_weights: bool = False, refine: bool = False, device: str = "auto", **options) -> None:
-        from ..encoders import LoadedEncoder, load_encoder, random_weights_like
+        from ..encoders import encoder_for_tool
 
-        enc = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, device=device)
-        if enc.spatial_dims != 3:
-            raise InputError(f"encoder {enc.encoder_id} is {enc.spatial_dims}D; the search benchmark needs a 3D encoder")
-        if random_weights:
-            enc = random_weights_like(enc)
+        enc = encoder_for_tool(encoder, "the search benchmark", device=device, random_weights=random_weights)
         self.name = ("random-encoder" if random_weights else "encoder") + ("+refine" if refine else "")
         self.refine = refine
         self.search = EmbeddingSearch(EmbeddingStore(enc, max_volumes=64), **options)
