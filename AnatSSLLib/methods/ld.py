@@ -813,23 +813,14 @@ class LDLoss(nn.Module):
         b = views.batch_size
         if embedding.shape[0] != 5 * b:
             raise InputError(f"LDLoss: expected 5B = {5 * b} embeddings [A1,B1,A2,B2,M], got shape {tuple(embedding.shape)}")
-        d = embedding.ndim - 2
+        # undo view 2's flip/rot90 (and its warp, if any) on the full-resolution features, then
+        # pool: the patch cells of both views then cover the same anatomy
+        e2 = undo_flip_rot90(embedding[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
         if views.warp is not None:
-            # view 2 was sampled through a displacement: undo flip/rot90 and the warp on the
-            # full-resolution features, then pool (cells then line up with view 1)
-            e2 = undo_flip_rot90(embedding[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
             e2 = unwarp_features(e2, views.warp.to(embedding.device, embedding.dtype))
-            p = self.patches(torch.cat([embedding[: 2 * b], e2, embedding[4 * b :]]))
-            g = p.shape[1]
-            v2 = p[2 * b : 4 * b]
-        else:
-            p = self.patches(embedding)  # 5B, G^d, D
-            g = p.shape[1]
-            grid_shape = (self.grid,) * d
-            # undo view 2's flip/rot90 on the patch grid so cells line up with view 1
-            v2 = p[2 * b : 4 * b].transpose(1, 2).reshape(2 * b, -1, *grid_shape)
-            v2 = undo_flip_rot90(v2, views.flips.to(p.device), views.rot90_k.to(p.device))
-            v2 = v2.reshape(2 * b, -1, g).transpose(1, 2)
+        p = self.patches(torch.cat([embedding[: 2 * b], e2, embedding[4 * b :]]))  # 5B, G^d, D
+        g = p.shape[1]
+        v2 = p[2 * b : 4 * b]
         f = torch.cat([p[: 2 * b], v2]).reshape(-1, p.shape[2])
         terms: dict[str, Tensor] = {}
         terms["pd"] = patch_discrimination_loss(f, _half_pairs(f.shape[0], f.device), self.tau, self.detach_keys)
