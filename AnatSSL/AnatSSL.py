@@ -144,7 +144,8 @@ class AnatSSLParameterNode:
     targetVolumes: the volumes to find the landmarks in (kept in sync with the checkable list).
     lowConfidence: points below this confidence (cosine similarity) are flagged.
     encoderId: the encoder the tools use ("" = the default one).
-    searchVolume, searchPoints, searchSegmentation, searchSegmentId: the search query.
+    searchVolume, searchPoints, searchSegmentation, searchSegmentId: the search query;
+    searchQueryKind: what is searched for ("point", "segment" or "volume": the whole volume).
     numberOfResults: how many search results to list.
     pretrainSteps, pretrainBatchSize, pretrainName, pretrainFolder: pretraining settings.
     """
@@ -158,6 +159,7 @@ class AnatSSLParameterNode:
     searchPoints: vtkMRMLMarkupsFiducialNode
     searchSegmentation: vtkMRMLSegmentationNode
     searchSegmentId: str = ""
+    searchQueryKind: str = "point"
     numberOfResults: Annotated[int, WithinRange(1, 100)] = 10
     pretrainSteps: Annotated[int, WithinRange(1, 1000000)] = 1200
     pretrainBatchSize: Annotated[int, WithinRange(1, 64)] = 2
@@ -185,38 +187,9 @@ def deviceSetting() -> str:
 
 
 #
-# Background tasks (threads polled by a QTimer; the MRML scene is touched on the main thread only)
+# Background tasks: AnatSSLBridge.jobs.TaskRunner (one thread at a time, polled by a QTimer; the MRML
+# scene is read before and written after, on the main thread only).
 #
-
-
-class BackgroundTask:
-    """Runs ``work(progress, cancelled)`` in a Python thread; the widget polls ``done``/``fraction``."""
-
-    def __init__(self, title: str, work, finished) -> None:
-        import threading
-
-        self.title = title
-        self.work = work
-        self.finished = finished  # called on the main thread with (result, error)
-        self.fraction = 0.0
-        self.cancelRequested = False
-        self.result = None
-        self.error = None
-        self.done = False
-        self._thread = threading.Thread(target=self._run, name=f"AnatSSL {title}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.result = self.work(self._progress, lambda: self.cancelRequested)
-        except BaseException as exc:  # reported on the main thread
-            self.error = exc
-        self.done = True
-
-    def _progress(self, fraction: float) -> None:
-        self.fraction = max(0.0, min(1.0, float(fraction)))
 
 
 #
@@ -233,7 +206,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task = None
+        self._runner = None  # AnatSSLBridge.jobs.TaskRunner, made in setup()
         self._job = None
         self._timer = None
         self._updatingGUI = False
@@ -249,6 +222,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AnatSSLLogic()
+        self._runner = _bridge_module("jobs").TaskRunner()
 
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -279,8 +253,9 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.searchPointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSearchPointsChanged)
         self.ui.searchSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSearchSegmentChanged)
         self.ui.searchSegmentSelector.connect("currentSegmentChanged(QString)", self.onSearchSegmentChanged)
-        self.ui.queryPointRadioButton.connect("toggled(bool)", self.updateGUIFromState)
-        self.ui.querySegmentRadioButton.connect("toggled(bool)", self.updateGUIFromState)
+        self.ui.queryPointRadioButton.connect("toggled(bool)", self.onQueryKindChanged)
+        self.ui.querySegmentRadioButton.connect("toggled(bool)", self.onQueryKindChanged)
+        self.ui.queryVolumeRadioButton.connect("toggled(bool)", self.onQueryKindChanged)
         self.ui.searchButton.connect("clicked(bool)", self.onSearch)
         self.ui.searchResultsTableView.connect("clicked(QModelIndex)", self.onSearchResultClicked)
         self.ui.pretrainLoadedRadioButton.connect("toggled(bool)", self.updateGUIFromState)
@@ -301,8 +276,8 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._job is not None and self._job.running:
             self._job.kill()
-        if self._task is not None:
-            self._task.cancelRequested = True
+        if self._runner is not None:
+            self._runner.cancel("the AnatSSL module was closed")
         if self._timer is not None:
             self._timer.stop()
 
@@ -316,8 +291,8 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._task is not None:  # its result will not be written (the bridge checks the nodes)
-            self._task.cancelRequested = True
+        if self._runner is not None and self._runner.cancel("the scene was closed"):
+            self.setStatus("The scene is closing: the running task is cancelled and its result will not be written.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -358,6 +333,8 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.searchSegmentSelector.setCurrentNode(p.searchSegmentation)
             if p.searchSegmentId:
                 self.ui.searchSegmentSelector.setCurrentSegmentID(p.searchSegmentId)
+            kinds = {"segment": self.ui.querySegmentRadioButton, "volume": self.ui.queryVolumeRadioButton}
+            kinds.get(p.searchQueryKind, self.ui.queryPointRadioButton).checked = True
             self.ui.pretrainFolderPathLineEdit.currentPath = p.pretrainFolder
         finally:
             self._updatingGUI = False
@@ -365,19 +342,20 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- state -> GUI ---------------------------------------------------------------------------
     def updateGUIFromState(self, *args) -> None:
         p = self._parameterNode
-        busy = self._task is not None or (self._job is not None and self._job.running)
+        busy = self.busy()
         ready = p is not None and not busy
         self.ui.propagateButton.enabled = bool(ready and p.referenceVolume and p.referenceLandmarks and p.targetVolumes)
         self.ui.propagateButton.toolTip = (
             "Find the reference landmarks in every ticked target volume." if self.ui.propagateButton.enabled else
             "Choose a reference volume, a point list with points on it and at least one target volume.")
-        pointQuery = self.ui.queryPointRadioButton.checked
+        kind = self.queryKind()
         for widget in (self.ui.searchPointsSelector, self.ui.searchPlaceWidget):
-            widget.enabled = pointQuery
-        self.ui.searchSegmentSelector.enabled = not pointQuery
+            widget.enabled = kind == "point"
+        self.ui.searchSegmentSelector.enabled = kind == "segment"
         hasIndex = self.logic is not None and self.logic.index is not None and len(self.logic.index) > 0
-        self.ui.searchButton.enabled = bool(ready and p.searchVolume and hasIndex
-                                            and (p.searchPoints if pointQuery else p.searchSegmentation))
+        hasQuery = {"point": bool(p and p.searchPoints), "segment": bool(p and p.searchSegmentation),
+                    "volume": True}[kind]
+        self.ui.searchButton.enabled = bool(ready and p.searchVolume and hasIndex and hasQuery)
         self.ui.searchButton.toolTip = ("Look the query up in the index." if hasIndex else
                                         "Build or open an index first (Index section above).")
         self.ui.saveIndexButton.enabled = bool(hasIndex and not busy)
@@ -452,6 +430,11 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.searchSegmentation = self.ui.searchSegmentSelector.currentNode()
         self._parameterNode.searchSegmentId = self.ui.searchSegmentSelector.currentSegmentID() or ""
 
+    def onQueryKindChanged(self, checked: bool = True) -> None:
+        if checked and self._parameterNode and not self._updatingGUI:
+            self._parameterNode.searchQueryKind = self.queryKind()
+        self.updateGUIFromState()
+
     def onPretrainFolderChanged(self, path) -> None:
         if self._parameterNode and not self._updatingGUI:
             self._parameterNode.pretrainFolder = str(path)
@@ -459,39 +442,57 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def device(self) -> str:
         return str(self.ui.deviceSelector.itemData(self.ui.deviceSelector.currentIndex) or "auto")
 
+    def queryKind(self) -> str:
+        """``"point"``, ``"segment"`` or ``"volume"``: what the Search panel looks up."""
+        if self.ui.querySegmentRadioButton.checked:
+            return "segment"
+        if self.ui.queryVolumeRadioButton.checked:
+            return "volume"
+        return "point"
+
+    def busy(self) -> bool:
+        return bool((self._runner is not None and self._runner.busy) or (self._job is not None and self._job.running))
+
     # ---- running work -------------------------------------------------------------------------
     def _ensureReady(self) -> bool:
         """Dependencies present (offer to install), nothing else running."""
-        if self._task is not None or (self._job is not None and self._job.running):
+        if self.busy():
             slicer.util.warningDisplay("AnatSSL is still working on the previous request; wait or press Cancel.")
             return False
         return self.ensureDependencies()
 
     def _startTask(self, title: str, work, finished) -> None:
-        self._task = BackgroundTask(title, work, finished)
+        """Run ``work(progress, cancelled)`` in a thread; ``finished(result, error)`` runs here when it ends."""
+        try:
+            self._runner.start(title, work, finished)
+        except AnatSSLError as exc:  # a second request while one runs
+            slicer.util.warningDisplay(str(exc))
+            return
         self.ui.progressBar.setValue(0)
-        self.setStatus(f"{title}...")
-        self._task.start()
+        self.setStatus(f"{title}... (Slicer stays usable; Cancel stops it)")
         self._timer.start()
         self.updateGUIFromState()
 
     def onTimer(self) -> None:
-        if self._task is not None:
-            self.ui.progressBar.setValue(int(100 * self._task.fraction))
-            if self._task.done:
-                task, self._task = self._task, None
+        if self._runner.busy:
+            self.ui.progressBar.setValue(int(100 * self._runner.fraction))
+            title = self._runner.task.title
+            try:
+                delivered = self._runner.poll()
+            except Exception as exc:  # writing the result failed: plain message for user errors
+                delivered = True
+                self._reportError(exc, title)
+            if delivered:
                 self.updateGUIFromState()
-                with slicer.util.tryWithErrorDisplay(f"{task.title} failed.", waitCursor=True):
-                    task.finished(task.result, task.error)
         if self._job is not None:
             self._pollJob()
-        if self._task is None and (self._job is None or not self._job.running):
+        if not self.busy():
             self._timer.stop()
 
     def onCancel(self) -> None:
-        if self._task is not None:
-            self._task.cancelRequested = True
-            self.setStatus(f"Cancelling {self._task.title.lower()} (after the current volume)...")
+        if self._runner.busy:
+            self.setStatus(f"Cancelling {self._runner.task.title.lower()}: nothing will be written...")
+            self._runner.cancel("cancelled")
         if self._job is not None and self._job.running:
             self._job.cancel(grace_s=20.0)
             self.setStatus("Cancelling pretraining: saving a checkpoint (start again to resume)...")
@@ -500,6 +501,10 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show ``error`` (None: nothing); user errors and GPU memory errors get a plain message."""
         if error is None:
             return False
+        if isinstance(error, _bridge_module("jobs").TaskCancelled):  # the user's Cancel, or the scene closed
+            self.ui.progressBar.setValue(0)
+            self.setStatus(f"{what} cancelled; nothing was changed.")
+            return True
         message = self.logic.describeError(error)
         self.setStatus(f"{what} failed: {message}")
         if isinstance(error, AnatSSLError) or self.logic.isOutOfMemory(error):
@@ -580,9 +585,12 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.logic.addToIndex(search, named_images, folder, progress, cancelled)
 
         def finished(result, error):
+            self.ui.indexStatusLabel.text = self.logic.describeIndex()
+            if isinstance(error, _bridge_module("jobs").TaskCancelled):  # stops between volumes
+                self.setStatus("Indexing cancelled; the volumes indexed before the cancel are kept.")
+                return
             if self._reportError(error, "Indexing"):
                 return
-            self.ui.indexStatusLabel.text = self.logic.describeIndex()
             self.setStatus(f"Indexed {len(result)} volume(s).")
 
         self._startTask("Indexing volumes", work, finished)
@@ -608,13 +616,16 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureReady():
             return
         p = self._parameterNode
-        try:
+        kind = self.queryKind()
+        try:  # the query is read from the scene here; the thread only embeds and looks up
             with slicer.util.WaitCursor():
                 search = self.logic.embeddingSearch(p.encoderId, self.device())
-                if self.ui.queryPointRadioButton.checked:
-                    query = self.logic.pointQuery(p.searchVolume, p.searchPoints)
+                if kind == "point":
+                    query = self.logic.pointQuery(p.searchVolume, p.searchPoints, search)
+                elif kind == "segment":
+                    query = self.logic.segmentQuery(p.searchVolume, p.searchSegmentation, p.searchSegmentId, search)
                 else:
-                    query = self.logic.segmentQuery(p.searchVolume, p.searchSegmentation, p.searchSegmentId)
+                    query = self.logic.volumeQuery(p.searchVolume, search)
         except Exception as exc:
             self._reportError(exc, "Search")
             return
@@ -630,7 +641,8 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             table = self.logic.showHits(hits)
             self.ui.searchResultsTableView.setMRMLTableNode(table)
-            self.setStatus(f"{len(hits)} result(s). Click a row to jump to it.")
+            what = "volume(s) most like the query volume" if kind == "volume" else "result(s)"
+            self.setStatus(f"{len(hits)} {what} ({query.description}). Click a row to show it in the slice views.")
 
         self._startTask("Searching", work, finished)
 
@@ -643,8 +655,13 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             index = view.sortFilterProxyModel().mapToSource(index)
         model = view.tableModel() if hasattr(view, "tableModel") else None
         row = model.mrmlTableRowIndex(index) if model is not None and hasattr(model, "mrmlTableRowIndex") else index.row()
-        with slicer.util.tryWithErrorDisplay("Cannot show this result.", waitCursor=False):
-            self.logic.jumpToHit(table, int(row))
+        try:
+            volume, ras, whole = self.logic.jumpToHit(table, int(row))
+        except Exception as exc:
+            self._reportError(exc, "Showing this result")
+            return
+        self.setStatus(f"Showing {volume.GetName()}" + (" (whole-volume result)." if whole else
+                                                        f" at R {ras[0]:.1f}, A {ras[1]:.1f}, S {ras[2]:.1f} mm."))
 
     # ---- pretraining ------------------------------------------------------------------------------
     def onPretrain(self) -> None:
@@ -919,11 +936,30 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
     def transferSegmentation(self, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=None,
                              encoderId: str = "", device: str = "auto", segmentIds=None, saveUndoState=None):
         """Fill ``outputSegmentation`` on ``targetVolume`` from the reference segmentation; blocking."""
-        segmenter = self.crossModalitySegmenter(encoderId, device)
-        return _bridge_module("segmentation").transfer_segmentation(
-            slicer.mrmlScene, segmenter, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
-            segment_ids=segmentIds, save_undo_state=saveUndoState,
-            spatial_dims=self.encoder(encoderId, device).spatial_dims)
+        plan = self.prepareTransfer(referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
+                                    encoderId, device, segmentIds)
+        (_, result), _ = self.computeTransfer(plan, encoderId, device)
+        return self.writeTransfer(plan, result, saveUndoState=saveUndoState)
+
+    # The Segment Editor effect runs these three steps: prepare and write on the main thread, compute in a thread.
+    def prepareTransfer(self, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=None,
+                        encoderId: str = "", device: str = "auto", segmentIds=None):
+        """Check and read the inputs (``AnatSSLBridge.segmentation.TransferPlan``); bad input raises, nothing changes."""
+        return _bridge_module("segmentation").prepare_transfer(
+            slicer.mrmlScene, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
+            segment_ids=segmentIds, spatial_dims=self.encoder(encoderId, device).spatial_dims)
+
+    def computeTransfer(self, plan, encoderId: str = "", device: str = "auto", progress=None, cancelled=None):
+        """``((segmenter, TransferResult), note)``: the label image (no MRML access), on the CPU after a GPU OOM."""
+        segmentation = _bridge_module("segmentation")
+        return self.withDeviceFallback(
+            lambda segmenter: segmentation.compute_transfer(segmenter, plan, progress=progress, cancelled=cancelled),
+            lambda dev: self.crossModalitySegmenter(encoderId, dev), device)
+
+    def writeTransfer(self, plan, result, saveUndoState=None, editorSegmentation=None, checkEditor: bool = False):
+        """Write the result (one undo state first); refused if a node left the scene or the editor changed segmentation."""
+        kwargs = {"editor_segmentation_node": editorSegmentation} if checkEditor else {}
+        return _bridge_module("segmentation").write_transfer(plan, result, save_undo_state=saveUndoState, **kwargs)
 
     # ---- search ---------------------------------------------------------------------------------
     def addToIndex(self, search, namedImages=None, folder: str | None = None, progress=None, cancelled=None):
@@ -976,62 +1012,46 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
             raise InputError("there is no index to save: build one first")
         return self.index.save(folder)
 
-    def pointQuery(self, volumeNode, pointsNode):
-        """``("point", volume node, Image, RAS point)`` of the last placed point of ``pointsNode``."""
+    def _spatialDims(self, search) -> int | None:
+        try:
+            return int(search.store.encoder.spatial_dims)
+        except Exception:
+            return None
+
+    def pointQuery(self, volumeNode, pointsNode, search=None):
+        """The last placed point of ``pointsNode`` on ``volumeNode`` (``AnatSSLBridge.search.SearchQuery``)."""
         from AnatSSLLib.errors import InputError
 
-        points = self.pointsFromMarkups(pointsNode) if pointsNode else None
-        if points is None or len(points) == 0:
-            raise InputError("no query point: place a point on the query volume")
-        _bridge_module("landmarks").check_volume_node(volumeNode, "query volume")
-        ras = points.to_ras()[-1]
-        return ("point", volumeNode, self.imageFromVolume(volumeNode), ras)
+        if pointsNode is None:
+            raise InputError("no query point list: choose (or create) one and click the query point")
+        return _bridge_module("search").point_query(volumeNode, pointsNode,
+                                                    spatial_dims=self._spatialDims(search) if search else None)
 
-    def segmentQuery(self, volumeNode, segmentationNode, segmentId: str):
-        """``("mask", volume node, Image, mask Image)`` of one segment on the query volume."""
-        from AnatSSLLib.errors import InputError
+    def segmentQuery(self, volumeNode, segmentationNode, segmentId: str, search=None):
+        """The region of one segment on ``volumeNode``."""
+        return _bridge_module("search").segment_query(slicer.mrmlScene, volumeNode, segmentationNode, segmentId,
+                                                      spatial_dims=self._spatialDims(search) if search else None)
 
-        if segmentationNode is None or not segmentId:
-            raise InputError("no query segment: pick a segmentation and one of its segments")
-        _bridge_module("landmarks").check_volume_node(volumeNode, "query volume")
-        labels, names = self.labelmapFromSegmentation(segmentationNode, volumeNode)
-        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
-        if segment is None:
-            raise InputError(f"segmentation {segmentationNode.GetName()!r} has no segment {segmentId!r}")
-        value = next(v for v, n in names.items() if n == segment.GetName())
-        mask = labels.with_array((labels.array == value).astype("uint8"), name=segment.GetName())
-        if not mask.array.any():
-            raise InputError(f"segment {segment.GetName()!r} is empty on {volumeNode.GetName()!r}")
-        return ("mask", volumeNode, self.imageFromVolume(volumeNode), mask)
+    def volumeQuery(self, volumeNode, search=None):
+        """The whole of ``volumeNode``: the indexed volumes most like it."""
+        return _bridge_module("search").volume_query(volumeNode,
+                                                     spatial_dims=self._spatialDims(search) if search else None)
 
     def runQuery(self, search, query, k: int = 10):
-        """The hits of a query from :meth:`pointQuery` / :meth:`segmentQuery` (no MRML access)."""
-        from AnatSSLLib.errors import InputError
-        from AnatSSLLib.image import ras_to_lps
-
-        if self.index is None:
-            raise InputError("there is no index: build or open one first")
-        kind, _, image, what = query
-        if kind == "point":
-            return search.search_point(self.index, image, ras_to_lps(what), k=k)
-        return search.search_mask(self.index, image, what, k=k)
+        """The hits of a query from :meth:`pointQuery` / :meth:`segmentQuery` / :meth:`volumeQuery` (no MRML access)."""
+        return _bridge_module("search").run_query(search, self.index, query, k=k)
 
     def showHits(self, hits):
         self.resultsTable = _bridge_module("search").hits_to_table(
             slicer.mrmlScene, hits, node=self.resultsTable if self.resultsTable and self.resultsTable.GetScene() else None)
         return self.resultsTable
 
-    def jumpToHit(self, tableNode, row: int) -> None:
-        """Show the hit's volume in the slice views, centred on its position."""
-        from AnatSSLLib.errors import InputError
-
-        name, nodeId, ras = _bridge_module("search").hit_from_table_row(tableNode, row)
-        volume = slicer.mrmlScene.GetNodeByID(nodeId) if nodeId else None
-        if volume is None:
-            raise InputError(f"{name!r} is not loaded: load it (its file is in the table's path column) to jump there")
-        slicer.util.setSliceViewerLayers(background=volume, fit=False)
-        if all(x == x for x in ras):  # not NaN: a place, not a whole-volume hit
-            slicer.modules.markups.logic().JumpSlicesToLocation(float(ras[0]), float(ras[1]), float(ras[2]), True)
+    def jumpToHit(self, tableNode, row: int):
+        """Show the hit's volume in the slice views, centred on its position (a whole-volume hit: the volume fitted)."""
+        volume, ras, whole = _bridge_module("search").jump_to_hit(slicer.mrmlScene, tableNode, row)
+        if whole:
+            slicer.util.resetSliceViews()
+        return volume, ras, whole
 
     # ---- pretraining ----------------------------------------------------------------------------
     def exportLoadedVolumes(self) -> list[str]:

@@ -17,7 +17,7 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core is not installed (`import slicer` found another package)", allow_module_level=True)
 
-from AnatSSLBridge import image_from_volume_node, parse_description, volume_node_from_image  # noqa: E402
+from AnatSSLBridge import parse_description, volume_node_from_image  # noqa: E402
 from AnatSSLBridge.landmarks import LandmarkPropagator  # noqa: E402
 
 SHIFT = np.array([6.0, -9.0, 3.0])  # LPS mm, a multiple of the 3 mm encoder grid
@@ -432,3 +432,339 @@ def test_dependency_plan_never_pips_torch_or_slicer_packages():
     assert all(not r.lower().startswith(tuple(n.lower() for n in NEVER_PIP)) for r in plan.pip)
     assert "PyTorch extension" in plan.describe()
     assert install_plan().empty
+
+
+# ---- background runs: one at a time, cancel, the scene changing during a run ----------------------
+def test_task_runner_runs_one_task_at_a_time_and_delivers_on_poll():
+    import threading
+
+    from AnatSSLBridge.jobs import TaskCancelled, TaskRunner
+
+    runner = TaskRunner()
+    release = threading.Event()
+    delivered = []
+
+    def work(progress, cancelled):
+        progress(0.25)
+        release.wait(10)
+        return 6 * 7
+
+    runner.start("Propagating landmarks", work, lambda result, error: delivered.append((result, error)))
+    # pressing the button again while it runs: refused with a plain message, the first run goes on
+    with pytest.raises(InputError, match="still busy \\(propagating landmarks\\)"):
+        runner.start("Propagating landmarks", work)
+    assert runner.busy and runner.poll() is False and delivered == []
+    release.set()
+    assert runner.wait(10) and delivered == [(42, None)] and not runner.busy
+    assert runner.task is None and runner.poll() is False
+
+    # an error in the work arrives as the error, on the polling thread
+    runner.start("Searching", lambda p, c: 1 / 0, lambda r, e: delivered.append((r, type(e))))
+    assert runner.wait(10) and delivered[-1] == (None, ZeroDivisionError)
+
+    # a cancelled run never delivers its result, even when the work finished anyway
+    release.clear()
+    runner.start("Indexing volumes", work, lambda r, e: delivered.append((r, e)))
+    assert runner.fraction == pytest.approx(0.25) or runner.fraction == 0.0
+    assert runner.cancel("the scene was closed")
+    release.set()
+    assert runner.wait(10)
+    result, error = delivered[-1]
+    assert result is None and isinstance(error, TaskCancelled) and isinstance(error, InputError)
+    assert "the scene was closed; nothing was changed" in str(error)
+    assert runner.cancel() is False  # nothing running
+
+
+def test_landmarks_in_a_worker_thread_and_the_scene_closing_during_the_run(scene, store, brain):
+    from AnatSSLBridge.jobs import TaskCancelled, TaskRunner
+
+    reference = volume_node_from_image(scene, brain.t1, "ref")
+    target = volume_node_from_image(scene, _moved(brain.t1, SHIFT), "tgt")
+    markups = _reference_markups(scene, brain.landmarks.subset(["AC", "PC"]))
+    propagator = LandmarkPropagator(store)
+    runner = TaskRunner()
+    out = []
+
+    def run(then=None):
+        plan = propagator.prepare(scene, reference, markups, [target])  # main thread: reads the nodes
+        runner.start("Propagating landmarks", lambda p, c: propagator.compute(plan, progress=p, cancelled=c),
+                     lambda computed, error: out.append((plan, computed, error)))
+        if then is not None:
+            then()
+        assert runner.wait(120)
+        return out[-1]
+
+    # cancelled (Cancel pressed): nothing computed is written
+    plan, computed, error = run(then=lambda: runner.cancel())
+    assert computed is None and isinstance(error, TaskCancelled)
+    before = scene.GetNumberOfNodes()
+
+    # the target removed during the run: the write is refused, nothing is created
+    plan, computed, error = run()
+    assert error is None and len(computed) == 1
+    scene.RemoveNode(target)
+    with pytest.raises(InputError, match="'tgt' was removed \\(or the scene closed\\) during the run"):
+        propagator.write(scene, plan, computed)
+    assert scene.GetNumberOfNodes() == before - 1
+    assert not _nodes(scene, "vtkMRMLTableNode")
+
+    # the scene closed during the run
+    target = volume_node_from_image(scene, _moved(brain.t1, SHIFT), "tgt")
+    plan, computed, error = run()
+    assert error is None
+    scene.Clear(0)
+    with pytest.raises(InputError, match="during the run; nothing was written"):
+        propagator.write(scene, plan, computed)
+    assert not _nodes(scene, "vtkMRMLMarkupsFiducialNode") and not _nodes(scene, "vtkMRMLTableNode")
+
+
+def _editor_for(scene, segmentation_node, source_volume_node):
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(scene)
+    editor.SetSegmentEditorNode(scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    editor.SetSegmentationNode(segmentation_node)
+    editor.SetSourceVolumeNode(source_volume_node)
+    assert editor.UpdateAlignedSourceVolume()
+    return editor
+
+
+def _two_segment_reference(scene, brain):
+    from AnatSSLBridge import labelmap_to_segmentation
+
+    t1 = volume_node_from_image(scene, brain.t1, "T1")
+    t2 = volume_node_from_image(scene, brain.t2, "T2")
+    labels = np.zeros(brain.t1.array.shape, np.uint8)
+    labels[10:20, 20:30, 15:25] = 1
+    labels[25:35, 35:45, 20:30] = 2
+    reference = labelmap_to_segmentation(scene, brain.t1.with_array(labels), t1, names={1: "caudate", 2: "putamen"},
+                                         colors={1: (0.9, 0.6, 0.2), 2: (0.2, 0.4, 0.9)}, closed_surface=False)
+    return t1, t2, labels, reference
+
+
+def test_segment_editor_effect_flow_in_a_worker_thread_with_one_undo(scene, brain):
+    """What the effect does: prepare (main thread), compute (thread, progress), write with one undo state."""
+    from AnatSSLBridge import segmentation_to_labelmap
+    from AnatSSLBridge.jobs import TaskRunner
+    from AnatSSLBridge.segmentation import compute_transfer, prepare_transfer, write_transfer
+
+    t1, t2, labels, reference = _two_segment_reference(scene, brain)
+    output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "T2 work")
+    output.SetReferenceImageGeometryParameterFromVolumeNode(t2)
+    output.GetSegmentation().AddEmptySegment("manual", "manual", [0.0, 1.0, 0.0])
+    editor = _editor_for(scene, output, t2)
+
+    class Store:  # records the embedding stage (the real store's cache is what makes it worth doing first)
+        def __init__(self):
+            self.embedded = []
+
+        def get(self, image):
+            self.embedded.append(image.name)
+
+    segmenter = _ResampleSegmenter()
+    segmenter.store = Store()
+    plan = prepare_transfer(scene, t1, reference, t2, output)
+    assert [name for _, name, _ in plan.segments] == ["caudate", "putamen"]
+    runner, fractions, delivered, saved = TaskRunner(), [], [], []
+
+    def work(progress, cancelled):
+        return compute_transfer(segmenter, plan, progress=lambda f: (fractions.append(f), progress(f)),
+                                cancelled=cancelled)
+
+    runner.start("Transferring the segmentation", work, lambda result, error: delivered.append((result, error)))
+    assert runner.wait(60)
+    result, error = delivered[0]
+    assert error is None and fractions == [0.4, 0.7, 1.0] and segmenter.store.embedded == ["T1", "T2"]
+    assert output.GetSegmentation().GetNumberOfSegments() == 1  # nothing written by the thread
+    node, counts = write_transfer(plan, result, save_undo_state=lambda: saved.append(editor.SaveStateForUndo()),
+                                  editor_segmentation_node=output)
+    assert node is output and len(saved) == 1
+    assert counts == {"caudate": 1000, "putamen": 1000}
+    segmentation = output.GetSegmentation()
+    by_name = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i)
+               for i in range(segmentation.GetNumberOfSegments())}
+    assert sorted(by_name) == ["caudate", "manual", "putamen"]
+    assert by_name["caudate"].GetColor() == pytest.approx((0.9, 0.6, 0.2))
+    assert by_name["putamen"].GetColor() == pytest.approx((0.2, 0.4, 0.9))
+    back, names = segmentation_to_labelmap(scene, output, t2)
+    value = {n: v for v, n in names.items()}
+    assert _dice(back.array == value["caudate"], labels == 1) == 1.0
+    editor.Undo()
+    assert output.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_segment_editor_effect_guards(scene, brain):
+    from AnatSSLBridge.jobs import TaskCancelled, TaskRunner
+    from AnatSSLBridge.segmentation import compute_transfer, prepare_transfer, write_transfer
+
+    t1, t2, _, reference = _two_segment_reference(scene, brain)
+    labelmap = volume_node_from_image(scene, brain.labels, "labels", labelmap=True)
+    output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "T2 work")
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "another")
+    segmenter = _ResampleSegmenter()
+    before = scene.GetNumberOfNodes()
+    # bad input: refused before anything runs
+    for args, message in (((t2, reference, t2, output), "is also the target \\(the Segment Editor's source volume\\)"),
+                          ((labelmap, reference, t2, output), "reference volume 'labels': is a label map"),
+                          ((t1, labelmap, t2, output), "is a label map volume, not a segmentation; convert it"),
+                          ((t1, reference, labelmap, output), "target volume 'labels': is a label map")):
+        with pytest.raises(InputError, match=message):
+            prepare_transfer(scene, *args)
+    with pytest.raises(InputError, match="but the encoder is 2D"):
+        prepare_transfer(scene, t1, reference, t2, output, spatial_dims=2)
+
+    # Apply pressed twice: the second is refused while the first runs
+    runner = TaskRunner()
+    plan = prepare_transfer(scene, t1, reference, t2, output)
+    import threading
+
+    gate = threading.Event()
+    delivered = []
+    runner.start("Transferring the segmentation", lambda p, c: (gate.wait(10), compute_transfer(segmenter, plan))[1],
+                 lambda r, e: delivered.append((r, e)))
+    with pytest.raises(InputError, match="still busy"):
+        runner.start("Transferring the segmentation", lambda p, c: None)
+    gate.set()
+    assert runner.wait(60) and delivered[0][1] is None
+    result = delivered[0][0]
+
+    saved = []
+    # the editor switched to another segmentation during the run: its undo state would be the wrong one
+    with pytest.raises(InputError, match="switched to another segmentation"):
+        write_transfer(plan, result, save_undo_state=lambda: saved.append(1), editor_segmentation_node=other)
+    # the segmentation node removed during the run
+    scene.RemoveNode(output)
+    with pytest.raises(InputError, match="segmentation 'T2 work' was removed \\(or the scene was closed\\)"):
+        write_transfer(plan, result, save_undo_state=lambda: saved.append(1))
+    assert saved == [] and output.GetSegmentation().GetNumberOfSegments() == 0
+
+    # cancelled: the segmenter does not even start; nothing is written
+    calls = segmenter.calls
+    with pytest.raises(TaskCancelled, match="segmentation was not changed"):
+        compute_transfer(segmenter, plan, cancelled=lambda: True)
+    assert segmenter.calls == calls
+
+    # the scene closed during a run that was to create a new segmentation
+    plan = prepare_transfer(scene, t1, reference, t2, None)
+    result = compute_transfer(segmenter, plan)
+    scene.Clear(0)
+    with pytest.raises(InputError, match="target volume 'T2' was removed \\(or the scene was closed\\)"):
+        write_transfer(plan, result)
+    assert not _nodes(scene, "vtkMRMLSegmentationNode")
+    assert before > 0
+
+
+def _slice_views(scene):
+    """Red, Yellow and Green slice views (slice + composite nodes), as the Slicer application has."""
+    views = []
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        slice_node = scene.CreateNodeByClass("vtkMRMLSliceNode")  # with the scene's orientation presets
+        slice_node.UnRegister(None)  # CreateNodeByClass hands over a reference (as Slicer's layout manager does)
+        slice_node.SetLayoutName(name)
+        assert getattr(slice_node, f"SetOrientationTo{orientation}")()
+        scene.AddNode(slice_node)
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+        views.append((slice_node, composite))
+    return views
+
+
+def _centre(slice_node) -> np.ndarray:
+    m = slice_node.GetSliceToRAS()
+    return np.array([m.GetElement(r, 3) for r in range(3)])
+
+
+def test_search_panel_queries_in_a_worker_thread_and_row_jumps(scene, store, brain):
+    """The Search panel: point, segment and whole-volume queries; clicking a row shows that volume there."""
+    from AnatSSLLib.tools.search import EmbeddingSearch, region_entries
+
+    from AnatSSLBridge import labelmap_to_segmentation
+    from AnatSSLBridge.jobs import TaskRunner
+    from AnatSSLBridge.search import (add_volume_nodes_to_index, hits_to_table, jump_to_hit, point_query, run_query,
+                                      search_from_volume, segment_query, volume_query)
+
+    query_node = volume_node_from_image(scene, brain.t1, "query T1")
+    moved = volume_node_from_image(scene, _moved(brain.t1, SHIFT), "moved T1")
+    t2 = volume_node_from_image(scene, brain.t2, "other T2")
+    search = EmbeddingSearch(store, grid_mm=3.0, sigma_mm=4.0)
+    index = search.new_index()
+    with pytest.raises(InputError, match="there is no index"):
+        run_query(search, index, volume_query(query_node))
+    add_volume_nodes_to_index(search, index, [query_node, moved, t2])
+    views = _slice_views(scene)
+
+    _, lattice = region_entries(store.get(brain.t1), grid_mm=3.0, sigma_mm=4.0)
+    point_lps = lattice[np.argmin(np.linalg.norm(lattice - brain.landmarks.position("AC"), axis=1))]
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query point")
+    points.AddControlPoint([0.0, 0.0, -500.0], "far away")  # an earlier point: only the last one counts
+    points.AddControlPoint([float(x) for x in lps_to_ras(point_lps)], "AC")
+    box = np.zeros(brain.t1.array.shape, np.uint8)
+    k, j, i = np.round(brain.t1.physical_to_index(point_lps[None])[0][::-1]).astype(int)
+    box[k - 2:k + 3, j - 2:j + 3, i - 2:i + 3] = 1
+    seg = labelmap_to_segmentation(scene, brain.t1.with_array(box), query_node, names={1: "AC region"},
+                                   closed_surface=False)
+    queries = {
+        "point": point_query(query_node, points),
+        "segment": segment_query(scene, query_node, seg, seg.GetSegmentation().GetSegmentIdBySegmentName("AC region")),
+        "volume": volume_query(query_node),
+    }
+    runner, answers = TaskRunner(), {}
+    for kind, query in queries.items():  # the queries were read on the main thread; the thread reads no node
+        runner.start("Searching", lambda p, c, q=query: run_query(search, index, q, k=5),
+                     lambda hits, error, kind=kind: answers.setdefault(kind, (hits, error)))
+        assert runner.wait(60)
+    for kind in ("point", "segment"):
+        hits, error = answers[kind]
+        assert error is None and sorted(h.volume for h in hits) == ["moved T1", "other T2"]  # one per volume, not itself
+        # the moved copy's best place is on the reference lattice moved by SHIFT, with a top score (random
+        # weights make many places tie at cosine ~1, so the rank among ties is not asserted)
+        hit = next(h for h in hits if h.volume == "moved T1")
+        assert np.min(np.linalg.norm(lattice + SHIFT - hit.position, axis=1)) < 1e-3
+        assert hit.score == pytest.approx(hits[0].score, abs=1e-3)
+    hits, error = answers["volume"]
+    assert error is None and [h.volume for h in hits][0] == "moved T1" and len(hits) == 2  # itself left out
+    assert all(h.position is None for h in hits)
+    assert hits[0].score == pytest.approx(1.0, abs=1e-3) and hits[0].score > hits[1].score
+    assert [h.volume for h in search_from_volume(search, index, query_node, k=1)] == ["moved T1"]
+
+    # a point hit: that volume in every view, all views centred on the hit
+    table = hits_to_table(scene, answers["point"][0])
+    row = [h.volume for h in answers["point"][0]].index("moved T1")
+    volume, ras, whole = jump_to_hit(scene, table, row)
+    assert volume is moved and not whole
+    np.testing.assert_allclose(ras, lps_to_ras(answers["point"][0][row].position), atol=1e-4)
+    for slice_node, composite in views:
+        assert composite.GetBackgroundVolumeID() == moved.GetID()
+        np.testing.assert_allclose(_centre(slice_node), ras, atol=1e-4)
+    # a whole-volume hit: NaN position in the table; the views go to the middle of that volume
+    table = hits_to_table(scene, hits, node=table)
+    assert np.isnan(table.GetTable().GetValueByName(1, "R").ToDouble())
+    volume, ras, whole = jump_to_hit(scene, table, 1)
+    assert volume is t2 and whole
+    bounds = [0.0] * 6
+    t2.GetRASBounds(bounds)
+    np.testing.assert_allclose(ras, [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2,
+                                     (bounds[4] + bounds[5]) / 2])
+    assert all(c.GetBackgroundVolumeID() == t2.GetID() for _, c in views)
+    np.testing.assert_allclose(_centre(views[0][0]), ras, atol=1e-4)
+    # a hit in a volume that is not loaded (any more)
+    scene.RemoveNode(t2)
+    with pytest.raises(InputError, match="volume 'other T2' is not loaded"):
+        jump_to_hit(scene, table, 1)
+    with pytest.raises(InputError, match="no row 7"):
+        jump_to_hit(scene, table, 7)
+
+    # bad queries, refused on the main thread with the fix in the message
+    empty = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
+    with pytest.raises(InputError, match="no point placed"):
+        point_query(query_node, empty)
+    with pytest.raises(InputError, match="lies outside the query volume 'query T1'"):
+        point_query(query_node, [0.0, 0.0, -500.0])
+    with pytest.raises(InputError, match="no query segment"):
+        segment_query(scene, query_node, seg, "")
+    labels = volume_node_from_image(scene, brain.labels, "labels", labelmap=True)
+    with pytest.raises(InputError, match="query volume 'labels': is a label map"):
+        volume_query(labels)
+    with pytest.raises(InputError, match="but the encoder is 2D"):  # an encoder for the wrong dimensionality
+        volume_query(query_node, spatial_dims=2)

@@ -77,8 +77,8 @@ EXAMPLES = {
 }
 TABLES = {
     "landmarksTableView": (["label", "R", "A", "S", "confidence", "low confidence"],
-                           [["AC", "0.4", "2.1", "-4.8", "0.91", "0"], ["PC", "0.2", "-25.0", "-2.9", "0.87", "0"],
-                            ["culmen", "0.9", "-41.3", "-30.2", "0.42", "1"]]),
+                           [["AC", "0.4", "2.1", "-4.8", "0.91", "no"], ["PC", "0.2", "-25.0", "-2.9", "0.87", "no"],
+                            ["culmen", "0.9", "-41.3", "-30.2", "0.42", "yes"]]),
     "searchResultsTableView": (["rank", "volume", "R", "A", "S", "score"],
                                [["1", "sub-02 T1", "-3.0", "4.5", "-1.2", "0.94"],
                                 ["2", "sub-03 T1", "-2.1", "3.0", "-0.6", "0.91"]]),
@@ -150,6 +150,8 @@ def test_ui_loads_with_qt_and_has_the_four_panels(tmp_path):
     assert [tabs.tabText(i) for i in range(tabs.count())] == ["Landmarks", "Segmentation", "Search", "Advanced"]
     for name in ("propagateButton", "searchButton", "pretrainButton", "cancelButton", "openSegmentEditorButton"):
         assert widget.findChild(QtWidgets.QPushButton, name) is not None, name
+    kinds = [widget.findChild(QtWidgets.QRadioButton, f"query{k}RadioButton") for k in ("Point", "Segment", "Volume")]
+    assert [k.text() for k in kinds] == ["point", "segment", "whole volume"] and kinds[0].isChecked()
     paths = render_panels(tmp_path)
     for path in paths:
         data = path.read_bytes()

@@ -167,3 +167,58 @@ def test_widget_calls_only_logic_methods_that_exist():
     for name in modules:
         assert (ROOT / "AnatSSL" / "AnatSSLBridge" / f"{name}.py").is_file()
         assert f"AnatSSLBridge/{name}.py" in cmake
+
+
+EFFECT = ROOT / "AnatSSL" / "SegmentEditorAnatSSLLib" / "SegmentEditorEffect.py"
+
+
+def _effect_methods() -> dict[str, ast.FunctionDef]:
+    tree = ast.parse(EFFECT.read_text(encoding="utf-8"))
+    (effect,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentEditorEffect"]
+    return {n.name: n for n in effect.body if isinstance(n, ast.FunctionDef)}
+
+
+def _called_names(node: ast.AST) -> set[str]:
+    return {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+            for n in ast.walk(node) if isinstance(n, ast.Call)}
+
+
+def test_effect_computes_off_the_gui_thread_and_writes_once_with_undo():
+    """The effect's Apply only prepares; the segmentation runs in the worker handed to the runner; the
+    write (with the undo state) happens in the main-thread callback."""
+    methods = _effect_methods()
+    heavy = {"computeTransfer", "compute_transfer", "transferSegmentation", "transfer_segmentation", "segment"}
+    apply_ = methods["onApply"]
+    nested = {n.name: n for n in ast.walk(apply_) if isinstance(n, ast.FunctionDef) and n is not apply_}
+    assert set(nested) == {"work"}
+    assert _called_names(nested["work"]) & heavy == {"computeTransfer"}
+    outside_work = _called_names(ast.Module(body=[s for s in apply_.body if s is not nested["work"]], type_ignores=[]))
+    assert not outside_work & heavy, outside_work & heavy
+    starts = [n for n in ast.walk(apply_) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and n.func.attr == "start" and ast.unparse(n.func.value) == "self._runner"]
+    assert len(starts) == 1 and [ast.unparse(a) for a in starts[0].args[1:]] == ["work", "self._onFinished"]
+    assert "prepareTransfer" in _called_names(apply_)
+    for name, method in methods.items():  # no other method computes
+        if name != "onApply":
+            assert not _called_names(method) & heavy, name
+    # the write and its undo state: only in the callback the runner calls on the main thread
+    users = sorted(name for name, m in methods.items()
+                   if any(isinstance(n, ast.Attribute) and n.attr in ("saveStateForUndo", "writeTransfer")
+                          for n in ast.walk(m)))
+    assert users == ["_onFinished"]
+    # Apply refuses while running; Cancel and the timer exist and are connected
+    setup = ast.unparse(methods["setupOptionsFrame"])
+    for widget, signal in (("applyButton", "clicked()"), ("cancelButton", "clicked()"), ("_timer", "timeout()")):
+        assert f"self.{widget}.connect('{signal}'" in setup, widget
+    assert "self.busy()" in ast.unparse(apply_).split("prepareTransfer")[0]
+    assert "progressBar" in setup and "self._runner.fraction" in ast.unparse(methods["onTimer"])
+
+
+def test_effect_widgets_are_made_before_use():
+    methods = _effect_methods()
+    made = {t.attr for n in ast.walk(methods["setupOptionsFrame"]) if isinstance(n, ast.Assign) for t in n.targets
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    used = {n.attr for m in methods.values() for n in ast.walk(m) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "self"
+            and n.attr.endswith(("Button", "Selector", "Label", "Bar"))}
+    assert used and sorted(used - made) == []

@@ -7,9 +7,11 @@ nodes <-> label images. Every function takes the scene or the nodes as arguments
 
 The tools on MRML nodes live in sub-modules imported on use (they load torch lazily):
 ``landmarks`` (:class:`~AnatSSLBridge.landmarks.LandmarkPropagator`), ``search`` (index loaded
-volumes, point/segment queries, results table), ``segmentation`` (cross-modality transfer into a
-segmentation node), ``jobs`` (:class:`~AnatSSLBridge.jobs.PretrainJob`, pretraining in a
-subprocess) and ``dependencies`` (what to install inside Slicer).
+volumes, point/segment/whole-volume queries, results table, jump to a result), ``segmentation``
+(cross-modality transfer into a segmentation node: prepare / compute / write), ``jobs``
+(:class:`~AnatSSLBridge.jobs.TaskRunner`, one tool run at a time in a thread;
+:class:`~AnatSSLBridge.jobs.PretrainJob`, pretraining in a subprocess) and ``dependencies`` (what
+to install inside Slicer).
 """
 
 from __future__ import annotations

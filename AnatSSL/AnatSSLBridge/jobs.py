@@ -1,4 +1,11 @@
-"""Pretraining as a background process: command line, JSON-lines progress, cancel.
+"""Long work off the GUI thread: tool runs in a thread, pretraining in a separate process.
+
+:class:`TaskRunner` runs one :class:`BackgroundTask` at a time (a tool run: landmark propagation,
+indexing, search, cross-modality segmentation) in a Python thread that reads no MRML node; the
+widget or the Segment Editor effect polls it from a ``qt.QTimer`` and gets the result back on the
+main thread, where the nodes are written. A second request while one runs is refused with a plain
+message; a cancelled run (Cancel, or the scene closed) delivers :class:`TaskCancelled`, never a
+result, so nothing is written.
 
 :class:`PretrainJob` runs ``python -m AnatSSLLib.cli pretrain ... --progress jsonl`` in its own
 process group. A reader thread parses every output line (:func:`AnatSSLLib.progress.parse_event`)
@@ -26,13 +33,131 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from AnatSSLLib.errors import InputError
 
-__all__ = ["PretrainJob", "describe_event", "default_python", "library_root", "EXIT_OK", "EXIT_CANCELLED", "EXIT_USER_ERROR"]
+__all__ = ["BackgroundTask", "TaskRunner", "TaskCancelled", "PretrainJob", "describe_event", "default_python", "library_root", "EXIT_OK", "EXIT_CANCELLED", "EXIT_USER_ERROR"]
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 3
+
+
+
+class TaskCancelled(InputError):
+    """A run was cancelled (Cancel pressed, or the scene closed) before its result was written."""
+
+
+class BackgroundTask:
+    """``work(progress, cancelled)`` run in a daemon thread; ``fraction``, ``done``, ``result``, ``error`` are polled.
+
+    Args:
+        title: what the run does ("Propagating landmarks"), shown in messages.
+        work: called in the thread with ``progress(fraction in [0, 1])`` and ``cancelled() -> bool``;
+            it must not touch MRML nodes or Qt widgets.
+        finished: called by :meth:`TaskRunner.poll` on the polling (main) thread as
+            ``finished(result, error)``; ``error`` is ``None``, the exception the work raised, or
+            :class:`TaskCancelled`.
+    """
+
+    def __init__(self, title: str, work: Callable, finished: Callable | None = None) -> None:
+        self.title = str(title)
+        self.work = work
+        self.finished = finished
+        self.fraction = 0.0
+        self.cancel_reason = ""
+        self.result = None
+        self.error: BaseException | None = None
+        self.done = False
+        self._thread = threading.Thread(target=self._run, name=f"AnatSSL {title}", daemon=True)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return bool(self.cancel_reason)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the work to stop at its next check; its result, if any, is dropped."""
+        if not self.cancel_reason:
+            self.cancel_reason = str(reason) or "cancelled"
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True when it has ended."""
+        self._thread.join(timeout)
+        return self.done
+
+    def _run(self) -> None:
+        try:
+            self.result = self.work(self._progress, lambda: self.cancel_requested)
+        except BaseException as exc:  # handed to the main thread by TaskRunner.poll
+            self.error = exc
+        self.done = True
+
+    def _progress(self, fraction: float) -> None:
+        self.fraction = max(0.0, min(1.0, float(fraction)))
+
+
+class TaskRunner:
+    """At most one :class:`BackgroundTask` at a time; :meth:`poll` delivers its end on the calling thread."""
+
+    def __init__(self) -> None:
+        self.task: BackgroundTask | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+    @property
+    def fraction(self) -> float:
+        return self.task.fraction if self.task is not None else 0.0
+
+    def start(self, title: str, work: Callable, finished: Callable | None = None) -> BackgroundTask:
+        """Start ``work`` in a thread; refused (:class:`InputError`) while another run is going."""
+        if self.task is not None:
+            raise InputError(f"AnatSSL is still busy ({self.task.title.lower()}): wait until it has finished, "
+                             "or press Cancel, then try again")
+        task = BackgroundTask(title, work, finished)
+        self.task = task
+        try:
+            task.start()
+        except Exception:
+            self.task = None
+            raise
+        return task
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        """Cancel the running task (True if there was one)."""
+        if self.task is None:
+            return False
+        self.task.cancel(reason)
+        return True
+
+    def poll(self) -> bool:
+        """If the task has ended, forget it and call its ``finished``; True when that happened.
+
+        A cancelled run is delivered as ``finished(None, TaskCancelled(...))`` even if its work completed.
+        Exceptions raised by ``finished`` propagate to the caller (the runner is already free again).
+        """
+        task = self.task
+        if task is None or not task.done:
+            return False
+        self.task = None
+        result, error = task.result, task.error
+        if task.cancel_requested and (error is None or isinstance(error, TaskCancelled)):
+            result, error = None, TaskCancelled(f"{task.title}: {task.cancel_reason}; nothing was changed")
+        if task.finished is not None:
+            task.finished(result, error)
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the task ends, then :meth:`poll` (batch use and tests); True when it was delivered."""
+        task = self.task
+        if task is None:
+            return False
+        if not task.join(timeout):
+            return False
+        return self.poll()
 
 
 def default_python() -> str:

@@ -200,7 +200,9 @@ class LandmarkPropagator:
         computed = []
         for n, (target_node, target) in enumerate(plan["targets"]):
             if cancelled is not None and cancelled():
-                raise InputError("landmark propagation cancelled; no point list was changed")
+                from .jobs import TaskCancelled
+
+                raise TaskCancelled("landmark propagation cancelled; no point list was changed")
             tgt_key = volume_key(target)
             todo = [
                 label for label, pos in zip(points.labels, points.positions)

@@ -43,6 +43,10 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         self.test_segmentation_transfer_with_one_undo()
         self.setUp()
         self.test_search_table()
+        self.setUp()
+        self.test_segmentation_transfer_in_a_thread_like_the_effect()
+        self.setUp()
+        self.test_whole_volume_search_and_jump()
 
     # ---- helpers --------------------------------------------------------------------------------
     @staticmethod
@@ -153,6 +157,7 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         node = self._logic().getParameterNode()
         self.assertAlmostEqual(node.lowConfidence, 0.5)
         self.assertEqual(node.numberOfResults, 10)
+        self.assertEqual(node.searchQueryKind, "point")
         self.assertEqual(list(node.targetVolumes), [])
 
     def test_landmark_propagation(self):
@@ -239,3 +244,88 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         self.assertEqual((name, nodeId), ("hit volume", volume.GetID()))
         np.testing.assert_allclose(ras, [-1.0, -2.0, 3.0])
         self.delayDisplay("Search results table passed")
+
+    def test_segmentation_transfer_in_a_thread_like_the_effect(self):
+        self.delayDisplay("Segmentation transfer as the effect runs it: prepare, thread, write with one undo state")
+        from AnatSSLBridge.jobs import TaskRunner
+        from AnatSSLBridge.segmentation import compute_transfer, prepare_transfer, write_transfer
+        from AnatSSLLib.errors import InputError
+        from AnatSSLLib.image import Image
+
+        class ResampleSegmenter:  # test stand-in: co-registered volumes, so resampling is the answer
+            def segment(self, reference, labels, target):
+                import SimpleITK as sitk
+
+                out = sitk.Resample(labels.to_sitk(), target.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+                return Image.from_sitk(out)
+
+        logic = self._logic()
+        array = self._blobs((24, 26, 28))
+        t1 = logic.volumeFromImage(Image(array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T1"), "T1")
+        t2 = logic.volumeFromImage(Image(-array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T2"), "T2")
+        labels = np.zeros(array.shape, np.uint8)
+        labels[5:12, 6:14, 4:10] = 1
+        reference = logic.segmentationFromLabelmap(Image(labels, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "labels"), t1,
+                                                   names={1: "one"}, colors={1: (1, 0, 0)}, closedSurface=False)
+        output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "edited")
+        output.SetReferenceImageGeometryParameterFromVolumeNode(t2)
+        editor = slicer.vtkSlicerSegmentEditorLogic()
+        editor.SetMRMLScene(slicer.mrmlScene)
+        editor.SetSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+        editor.SetSegmentationNode(output)
+        editor.SetSourceVolumeNode(t2)
+        editor.UpdateAlignedSourceVolume()
+        with self.assertRaises(InputError):  # the reference is the source volume
+            prepare_transfer(slicer.mrmlScene, t2, reference, t2, output)
+        plan = prepare_transfer(slicer.mrmlScene, t1, reference, t2, output)
+        runner, delivered = TaskRunner(), []
+        runner.start("Transferring", lambda progress, cancelled: compute_transfer(ResampleSegmenter(), plan),
+                     lambda result, error: delivered.append((result, error)))
+        with self.assertRaises(InputError):  # Apply pressed twice
+            runner.start("Transferring", lambda progress, cancelled: None)
+        while runner.busy:  # what the effect's QTimer does
+            slicer.app.processEvents()
+            runner.poll()
+        result, error = delivered[0]
+        self.assertIsNone(error)
+        saved = []
+        write_transfer(plan, result, save_undo_state=lambda: saved.append(editor.SaveStateForUndo()),
+                       editor_segmentation_node=output)
+        self.assertEqual(len(saved), 1)
+        segment = output.GetSegmentation().GetSegment(output.GetSegmentation().GetSegmentIdBySegmentName("one"))
+        self.assertEqual(tuple(segment.GetColor()), (1.0, 0.0, 0.0))
+        editor.Undo()
+        self.assertEqual(output.GetSegmentation().GetNumberOfSegments(), 0)
+        slicer.mrmlScene.RemoveNode(output)  # removed during a run: refused, nothing written
+        with self.assertRaises(InputError):
+            write_transfer(plan, result)
+        self.delayDisplay("Segmentation transfer in a thread passed")
+
+    def test_whole_volume_search_and_jump(self):
+        self.delayDisplay("Whole-volume search, and a result row shown in the slice views")
+        from AnatSSLLib.image import Image
+
+        logic = self._logic()
+        encoderId = self._random_encoder_id(logic)
+        array = self._blobs()
+        query = logic.volumeFromImage(Image(array, (2.0, 2.0, 2.0), (0, 0, 0), np.eye(3), "query"), "query")
+        moved = logic.volumeFromImage(Image(array, (2.0, 2.0, 2.0), (6.0, -9.0, 3.0), np.eye(3), "moved"), "moved")
+        search = logic.embeddingSearch(encoderId, "cpu")
+        logic.addToIndex(search, [("query", logic.imageFromVolume(query)), ("moved", logic.imageFromVolume(moved))])
+        hits = logic.runQuery(search, logic.volumeQuery(query, search), k=5)
+        self.assertEqual([h.volume for h in hits], ["moved"])
+        table = logic.showHits(hits)
+        volume, ras, whole = logic.jumpToHit(table, 0)
+        self.assertIs(volume, moved)
+        self.assertTrue(whole)
+        composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+        self.assertEqual(composite.GetBackgroundVolumeID(), moved.GetID())
+        point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query point")
+        point.AddControlPoint([-40.0, -44.0, 40.0], "P")
+        hits = logic.runQuery(search, logic.pointQuery(query, point, search), k=5)
+        self.assertEqual([h.volume for h in hits], ["moved"])
+        volume, ras, whole = logic.jumpToHit(logic.showHits(hits), 0)
+        self.assertFalse(whole)
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        np.testing.assert_allclose([red.GetSliceToRAS().GetElement(r, 3) for r in range(3)], ras, atol=1e-3)
+        self.delayDisplay("Whole-volume search and jump passed")
