@@ -59,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     awcl.add_argument("--granularity", choices=("coarse", "fine"), default="fine", help="anatomy tags that define positives (default fine)")
     awcl.add_argument("--backbone", default="resnet18", help="MONAI ResNet depth: resnet10, resnet18, resnet34, resnet50 (default resnet18)")
     awcl.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
+    alice = p.add_argument_group("Alice ablations")
+    alice.add_argument("--no-cafa", action="store_true", help="Alice ablation: no CAFA module (token loss on each view's own encoder tokens)")
+    alice.add_argument("--no-generative", action="store_true", help="Alice ablation: no masked-reconstruction (generative) term")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--name", help="label of the cache entry")
@@ -125,13 +128,17 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
     spacing = (args.spacing,) * 3
     data = VolumeCrops(_subjects(args), spacing=spacing, crop_size=args.crop, intensity=DEFAULT_INTENSITY)
     volumes = [arr[0] for arr in data.subjects]  # first contrast of each subject
+    ablation = "".join(f", without {part}" for part, off in (("CAFA", args.no_cafa), ("the generative term", args.no_generative)) if off)
     manifest = {
         "spacing": list(spacing), "intensity": dict(DEFAULT_INTENSITY), "data_fingerprint": data.data_fingerprint,
         "description": f"3D Alice encoder: {args.steps} steps on {len(volumes)} volumes, same-volume views, "
-                       f"{args.crop}^3 crops at {args.spacing} mm",
+                       f"{args.crop}^3 crops at {args.spacing} mm{ablation}",
     }
-    task = AliceTask(volumes, steps=args.steps, crop=args.crop, view_mode="same", body_threshold=0.1, manifest=manifest)
-    run_dir = args.run_dir or str(default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-n{args.steps}-s{args.seed}")
+    task = AliceTask(volumes, steps=args.steps, crop=args.crop, view_mode="same", body_threshold=0.1,
+                     use_cafa=not args.no_cafa, use_generative=not args.no_generative, manifest=manifest)
+    variant = ("-nocafa" if args.no_cafa else "") + ("-nogen" if args.no_generative else "")
+    run_dir = args.run_dir or str(
+        default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-n{args.steps}-s{args.seed}{variant}")
     config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", seed=args.seed,
                             checkpoint_every=50, checkpoint_dir=run_dir, device=args.device)
     return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
@@ -157,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         if sinks[stage] is not None:
             sinks[stage](event)
 
+    if (args.no_cafa or args.no_generative) and args.method != "alice":
+        raise InputError("--no-cafa and --no-generative are Alice ablations; use them with --method alice")
     token = CancelToken(args.cancel_file)
     with token.handle_signals():
         if args.method == "awcl":
