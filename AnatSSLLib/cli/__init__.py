@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import AnatSSLError
 
 # Verb modules, in the order `anatssl --help` lists them.
-_COMMANDS = ("demo", "pretrain", "landmarks", "segment", "index", "search", "awcl_eval", "data", "bench", "cache")
+_COMMANDS = ("demo", "pretrain", "finetune", "landmarks", "segment", "index", "search", "awcl_eval", "data", "bench", "cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
