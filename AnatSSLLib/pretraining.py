@@ -42,7 +42,10 @@ class LDPretrainSettings:
     that all come in one anatomical orientation, as our encoder grids do; the paper's fundus
     images have none, hence its +-180 degrees and flips. ``view_warp_vox`` > 0 also deforms view 2
     by a smooth random displacement of about that many voxels, undone on the features (our
-    extension, see :func:`~AnatSSLLib.methods.ld.make_ld_batch`).
+    extension, see :func:`~AnatSSLLib.methods.ld.make_ld_batch`). ``cross_subject_neighbours`` > 0
+    registers that many other training subjects onto each one (affine) and pairs crops across
+    them, so the same anatomy in two heads becomes a positive pair (our extension, see
+    :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
     """
 
     pd_steps: int = 300
@@ -59,6 +62,7 @@ class LDPretrainSettings:
     paired_contrasts: bool = True
     canonical_orientation: bool = False
     view_warp_vox: float = 0.0
+    cross_subject_neighbours: int = 0
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "auto"
@@ -111,6 +115,10 @@ def pretrain_ld(
     if settings.pd_steps < 0 or settings.ld_steps < 1:
         raise InputError(f"LD pretraining needs pd_steps >= 0 and ld_steps >= 1, got {settings.pd_steps} and {settings.ld_steps}")
     spacing = (settings.spacing_mm,) * 3
+    if settings.cross_subject_neighbours:
+        from .data.cross_subject import cross_subject_views
+
+        subjects = cross_subject_views(subjects, settings.cross_subject_neighbours, seed=settings.seed)
     data = VolumeCrops(subjects, spacing=spacing, crop_size=settings.crop_size, intensity=DEFAULT_INTENSITY)
     paired = settings.paired_contrasts and data.max_contrasts > 1
     channels = 2 if paired else 1
@@ -122,6 +130,8 @@ def pretrain_ld(
         "description": (
             f"3D LD encoder: {settings.pd_steps} PD + {settings.ld_steps} LD steps on {len(data)} subjects, "
             f"{settings.crop_size}^3 crops at {settings.spacing_mm} mm" + (", paired contrasts" if paired else "")
+            + (f", cross-subject views ({settings.cross_subject_neighbours} affine neighbours each)"
+               if settings.cross_subject_neighbours else "")
         ),
     }
     common = dict(
