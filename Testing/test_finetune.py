@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -84,3 +85,19 @@ def test_alice_weights_initialise_swinunetr():
     for key in loaded:
         assert torch.equal(own[key], alice.state_dict()["unetr." + key])
     assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 5, 32, 32, 32)
+
+
+def test_finetune_refuses_2d_images_and_a_2d_encoder(population_small):
+    from AnatSSLLib.encoders import LoadedEncoder, load_encoder
+    from AnatSSLLib.image import Image
+    from AnatSSLLib.tools.finetune import FinetuneSettings, finetune
+
+    encoder = load_encoder(None, device="cpu")
+    plane = Image(np.ones((32, 32), np.float32), (1.0, 1.0), (0.0, 0.0), np.eye(2), "plane")
+    with pytest.raises(InputError, match="3D"):
+        finetune(encoder, [plane], [plane.with_array(np.ones((32, 32), np.int32))], FinetuneSettings(steps=1, device="cpu"))
+    manifest = dataclasses.replace(encoder.manifest, architecture="awcl_resnet2d", spatial_dims=2)
+    awcl_like = LoadedEncoder("awcl-test", manifest, encoder.model, encoder.device)
+    s = population_small.subjects[0]
+    with pytest.raises(InputError, match="cannot initialise a segmentation network"):
+        finetune(awcl_like, [s.image("t1")], [s.labels()], FinetuneSettings(steps=1, device="cpu"))
