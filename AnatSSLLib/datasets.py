@@ -59,6 +59,10 @@ class VolumeCrops:
         intensity: normalisation spec (see :func:`AnatSSLLib.encoders.normalise_intensity`).
         foreground_fraction: share of crops centred on bright anatomy (above the 60th
             percentile of the first contrast) rather than anywhere.
+        bias_field_std: > 0 multiplies each crop of each channel by its own smooth random field
+            ``exp(g)``, ``g`` a trilinear interpolation of normal values (this standard
+            deviation) on a 4-per-axis grid: the MRI bias field, drawn independently per view, so
+            that paired views differ by it (co-registered contrasts of one subject share theirs).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class VolumeCrops:
         crop_size: int = 64,
         intensity: dict | None = None,
         foreground_fraction: float = 0.9,
+        bias_field_std: float = 0.0,
     ) -> None:
         if len(subjects) == 0:
             raise InputError("no training volumes given")
@@ -94,6 +99,7 @@ class VolumeCrops:
             self.names.append(grid0.name)
         self.data_fingerprint = "sha256:" + fingerprint.hexdigest()[:32]
         self.foreground_fraction = float(foreground_fraction)
+        self.bias_field_std = float(bias_field_std)
         self._fg = [np.argwhere(a[0] > np.percentile(a[0], 60)) for a in self.subjects]
 
     @staticmethod
@@ -130,6 +136,8 @@ class VolumeCrops:
             picks = rng.permutation(k)[:channels] if k >= channels else rng.integers(k, size=channels)
             for ch, contrast in enumerate(picks):
                 out[b, ch] = arr[(int(contrast),) + sl]
+                if self.bias_field_std > 0:
+                    out[b, ch] *= _smooth_field(rng, self.bias_field_std, c)
         return out
 
     def torch_sampler(self, channels: int = 1):
@@ -142,3 +150,11 @@ class VolumeCrops:
             return torch.from_numpy(self.sample(n, np.random.default_rng(seed), channels))
 
         return sample
+
+
+def _smooth_field(rng: np.random.Generator, std: float, size: int, control: int = 4) -> np.ndarray:
+    """``exp`` of a trilinearly upsampled ``control^3`` grid of normal values: a smooth positive field ``size^3``."""
+    from scipy.ndimage import zoom
+
+    coarse = rng.normal(0.0, std, (control,) * 3)
+    return np.exp(zoom(coarse, size / control, order=1, mode="nearest")).astype(np.float32)

@@ -46,6 +46,8 @@ class LDPretrainSettings:
     registers that many other training subjects onto each one (affine) and pairs crops across
     them, so the same anatomy in two heads becomes a positive pair (our extension, see
     :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
+    ``bias_field_std`` > 0 gives every view its own smooth multiplicative intensity field
+    (:class:`~AnatSSLLib.datasets.VolumeCrops`; our extension).
     """
 
     pd_steps: int = 300
@@ -63,6 +65,7 @@ class LDPretrainSettings:
     canonical_orientation: bool = False
     view_warp_vox: float = 0.0
     cross_subject_neighbours: int = 0
+    bias_field_std: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "auto"
@@ -119,7 +122,8 @@ def pretrain_ld(
         from .data.cross_subject import cross_subject_views
 
         subjects = cross_subject_views(subjects, settings.cross_subject_neighbours, seed=settings.seed)
-    data = VolumeCrops(subjects, spacing=spacing, crop_size=settings.crop_size, intensity=DEFAULT_INTENSITY)
+    data = VolumeCrops(subjects, spacing=spacing, crop_size=settings.crop_size, intensity=DEFAULT_INTENSITY,
+                       bias_field_std=settings.bias_field_std)
     paired = settings.paired_contrasts and data.max_contrasts > 1
     channels = 2 if paired else 1
     run = Path(run_dir) if run_dir is not None else default_run_dir() / f"ld-{settings.key(data.data_fingerprint)}"
@@ -132,6 +136,7 @@ def pretrain_ld(
             f"{settings.crop_size}^3 crops at {settings.spacing_mm} mm" + (", paired contrasts" if paired else "")
             + (f", cross-subject views ({settings.cross_subject_neighbours} affine neighbours each)"
                if settings.cross_subject_neighbours else "")
+            + (f", per-view bias fields (std {settings.bias_field_std:g})" if settings.bias_field_std else "")
         ),
     }
     common = dict(

@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--encoders", nargs="+", required=True, help="cache ids or names; 'random' for random weights")
     p.add_argument("--subjects", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--roi", type=int, default=96, help="sliding-window size in voxels (default 96, the tools' default)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     for name in args.encoders:
         start = time.perf_counter()
         encoder = random_weights_like(load_encoder(named[0], device="cpu")) if name == "random" else load_encoder(name, device="cpu")
-        result = probe(EmbeddingStore(encoder), population, args.subjects)
+        result = probe(EmbeddingStore(encoder, roi_size=args.roi, overlap=args.overlap), population, args.subjects)
         result.update(encoder_id=encoder.encoder_id if name != "random" else f"random weights like {named[0]}",
                       description=encoder.manifest.description, seconds=time.perf_counter() - start)
         report["encoders"][name] = result

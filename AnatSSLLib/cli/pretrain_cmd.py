@@ -50,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-paired-contrasts", action="store_true", help="do not pair co-registered contrasts as views")
     p.add_argument("--canonical-orientation", action="store_true",
                    help="small rotations and no flips in the shared augmentation (volumes in one anatomical orientation)")
+    p.add_argument("--bias-field", type=float, default=0.0, metavar="STD",
+                   help="LD: give each view its own smooth multiplicative intensity field exp(N(0, STD)) (our extension; default 0 = off)")
     p.add_argument("--cross-subject", type=int, default=0, metavar="K",
                    help="LD: register K other training subjects onto each (affine) and pair crops across them, so the "
                         "same anatomy in two heads is a positive pair (our extension; default 0 = off)")
@@ -156,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         pd_steps=args.pd_steps, ld_steps=args.ld_steps, batch_size=args.batch_size, crop_size=args.crop,
         spacing_mm=args.spacing, grid=args.grid, num_clusters=args.clusters, lr=args.lr, lr_halve_every=args.lr_halve_every,
         paired_contrasts=not args.no_paired_contrasts, canonical_orientation=args.canonical_orientation,
-        view_warp_vox=args.view_warp, cross_subject_neighbours=args.cross_subject, seed=args.seed, device=args.device,
+        view_warp_vox=args.view_warp, cross_subject_neighbours=args.cross_subject,
+        bias_field_std=args.bias_field, seed=args.seed, device=args.device,
     )
     sinks: dict = {}
 
