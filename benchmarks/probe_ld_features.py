@@ -14,7 +14,7 @@ failure can be told apart from the matching pipeline's:
   is searched in the subject's T1 and T2 embeddings within 12 mm of the true position. Reported:
   mean error (mm) and the fraction within 4 mm. A random guess in the window averages about 9 mm.
 
-``random`` is the first named encoder's architecture with random weights.
+``random`` is the first named encoder's architecture with random weights (the bundled preview's if none is named).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     population = load_population(args.population)
-    named = [e for e in args.encoders if e != "random"]
+    named = [e for e in args.encoders if e != "random"] or ["ld-preview"]  # 'random' alone: the preview's architecture
     report = _header("ld_feature_probe", "python benchmarks/probe_ld_features.py " + shlex.join(argv or sys.argv[1:]))
     report.update(population=args.population, subjects=[s.name for s in population.subjects[: args.subjects]], encoders={})
     for name in args.encoders:
