@@ -22,6 +22,18 @@ for _path in (os.path.join(_REPO, "AnatSSL"), _REPO):  # developer checkout; ins
         sys.path.append(_path)
 
 
+class _ResampleSegmenter:
+    """Test stand-in for the cross-modality segmenter: the volumes are co-registered, so resampling is the answer."""
+
+    def segment(self, reference, labels, target):
+        import SimpleITK as sitk
+
+        from AnatSSLLib.image import Image
+
+        out = sitk.Resample(labels.to_sitk(), target.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        return Image.from_sitk(out)
+
+
 class AnatSSLSelfTest(ScriptedLoadableModuleTest):
     """Round trips of volumes, markups and segmentations, and the three tools, through the AnatSSL logic."""
 
@@ -195,13 +207,6 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         from AnatSSLBridge.segmentation import transfer_segmentation
         from AnatSSLLib.image import Image
 
-        class ResampleSegmenter:  # test stand-in: co-registered volumes, so resampling is the answer
-            def segment(self, reference, labels, target):
-                import SimpleITK as sitk
-
-                out = sitk.Resample(labels.to_sitk(), target.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-                return Image.from_sitk(out)
-
         logic = self._logic()
         array = self._blobs((24, 26, 28))
         t1 = logic.volumeFromImage(Image(array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T1"), "T1")
@@ -222,7 +227,7 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         editor.SetSourceVolumeNode(t2)
         editor.UpdateAlignedSourceVolume()
         saved = []
-        transfer_segmentation(slicer.mrmlScene, ResampleSegmenter(), t1, reference, t2, output,
+        transfer_segmentation(slicer.mrmlScene, _ResampleSegmenter(), t1, reference, t2, output,
                               save_undo_state=lambda: saved.append(editor.SaveStateForUndo()))
         self.assertEqual(len(saved), 1)
         self.assertEqual(output.GetSegmentation().GetNumberOfSegments(), 3)
@@ -252,13 +257,6 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         from AnatSSLLib.errors import InputError
         from AnatSSLLib.image import Image
 
-        class ResampleSegmenter:  # test stand-in: co-registered volumes, so resampling is the answer
-            def segment(self, reference, labels, target):
-                import SimpleITK as sitk
-
-                out = sitk.Resample(labels.to_sitk(), target.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-                return Image.from_sitk(out)
-
         logic = self._logic()
         array = self._blobs((24, 26, 28))
         t1 = logic.volumeFromImage(Image(array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T1"), "T1")
@@ -279,7 +277,7 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
             prepare_transfer(slicer.mrmlScene, t2, reference, t2, output)
         plan = prepare_transfer(slicer.mrmlScene, t1, reference, t2, output)
         runner, delivered = TaskRunner(), []
-        runner.start("Transferring", lambda progress, cancelled: compute_transfer(ResampleSegmenter(), plan),
+        runner.start("Transferring", lambda progress, cancelled: compute_transfer(_ResampleSegmenter(), plan),
                      lambda result, error: delivered.append((result, error)))
         with self.assertRaises(InputError):  # Apply pressed twice
             runner.start("Transferring", lambda progress, cancelled: None)
