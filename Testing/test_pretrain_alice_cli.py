@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from AnatSSLLib.cache import EncoderCache
 from AnatSSLLib.cli import main
 from AnatSSLLib.embedding import EmbeddingStore
@@ -28,3 +30,23 @@ def test_alice_pretrain_cli_refuses_a_crop_it_cannot_use(population_small, tmp_p
                "--steps", "1", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")])
     assert rc != 0 and "multiple of 32" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # nothing cached
+
+
+def test_alice_pretrain_cli_mines_views_across_volumes_with_an_encoder(population_small, tmp_path):
+    from AnatSSLLib.encoders import load_encoder as load
+    from AnatSSLLib.methods.alice_matcher import EncoderMatcher
+
+    cache = tmp_path / "cache"
+    args = ["pretrain", "--method", "alice", "--population", str(population_small.path), "--contrasts", "t1",
+            "--views", "mined", "--steps", "1", "--batch-size", "1", "--crop", "32", "--spacing", "3", "--device", "cpu",
+            "--progress", "none", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache), "--name", "alice-mined"]
+    assert main(args) == 0
+    encoder = load_encoder("alice-mined", cache=EncoderCache(cache, bundled=[]), device="cpu")
+    assert "views mined by ld-" in encoder.manifest.description
+    # the matcher maps a voxel of one volume into the other, and a volume onto itself near the identity
+    s = population_small.subjects[0]
+    volume = s.image("t1").array.astype("float32")
+    matcher = EncoderMatcher(load(None, device="cpu"), [volume, volume], (3.0, 3.0, 3.0))
+    point = (np.array(volume.shape) // 2).astype(float)
+    found, score = matcher(0, 1, point)
+    assert np.linalg.norm((found - point) * 3.0) <= 6.0 and score > 0.5

@@ -64,7 +64,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     awcl.add_argument("--granularity", choices=("coarse", "fine"), default="fine", help="anatomy tags that define positives (default fine)")
     awcl.add_argument("--backbone", default="resnet18", help="MONAI ResNet depth: resnet10, resnet18, resnet34, resnet50 (default resnet18)")
     awcl.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
-    alice = p.add_argument_group("Alice ablations")
+    alice = p.add_argument_group("Alice views and ablations")
+    alice.add_argument("--views", choices=("same", "mined"), default="same",
+                       help="Alice view pairs: overlapping crops of one volume (same, default) or crops of two volumes "
+                            "matched by an anatomical encoder (mined, as the paper with SAM)")
+    alice.add_argument("--matcher", metavar="ID",
+                       help="with --views mined: the cached 3D encoder that matches anatomy across volumes (default: the default encoder)")
     alice.add_argument("--no-cafa", action="store_true", help="Alice ablation: no CAFA module (token loss on each view's own encoder tokens)")
     alice.add_argument("--no-generative", action="store_true", help="Alice ablation: no masked-reconstruction (generative) term")
     p.add_argument("--seed", type=int, default=0)
@@ -115,10 +120,9 @@ def _run_awcl(args: argparse.Namespace, progress, token) -> object:
 
 
 def _run_alice(args: argparse.Namespace, progress, token) -> object:
-    """Alice on volumes, with same-volume views (overlapping crops under strong augmentation).
-
-    Cross-volume mining needs an anatomical matcher; the CLI does not offer one yet, because our
-    LD encoders do not match anatomy across subjects reliably (benchmarks/README.md, feature probe).
+    """Alice on volumes: same-volume views (overlapping crops under strong augmentation), or views
+    of two volumes mined by a cached encoder (:class:`~AnatSSLLib.methods.alice_matcher.EncoderMatcher`;
+    note that our LD encoders do not yet match anatomy across subjects reliably: benchmarks/README.md).
     """
     from ..datasets import VolumeCrops
     from ..encoders import DEFAULT_INTENSITY
@@ -133,15 +137,24 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
     spacing = (args.spacing,) * 3
     data = VolumeCrops(_subjects(args), spacing=spacing, crop_size=args.crop, intensity=DEFAULT_INTENSITY)
     volumes = [arr[0] for arr in data.subjects]  # first contrast of each subject
+    matcher = None
+    if args.views == "mined":
+        from ..encoders import load_encoder
+        from ..methods.alice_matcher import EncoderMatcher
+
+        matcher = EncoderMatcher(load_encoder(args.matcher, cache=cache_from_args(args), device=args.device), volumes, spacing)
+    elif args.matcher:
+        raise InputError("--matcher is used only with --views mined")
     ablation = "".join(f", without {part}" for part, off in (("CAFA", args.no_cafa), ("the generative term", args.no_generative)) if off)
     manifest = {
         "spacing": list(spacing), "intensity": dict(DEFAULT_INTENSITY), "data_fingerprint": data.data_fingerprint,
-        "description": f"3D Alice encoder: {args.steps} steps on {len(volumes)} volumes, same-volume views, "
-                       f"{args.crop}^3 crops at {args.spacing} mm{ablation}",
+        "description": f"3D Alice encoder: {args.steps} steps on {len(volumes)} volumes, "
+                       + ("same-volume views, " if matcher is None else f"views mined by {matcher.encoder_id}, ")
+                       + f"{args.crop}^3 crops at {args.spacing} mm{ablation}",
     }
-    task = AliceTask(volumes, steps=args.steps, crop=args.crop, view_mode="same", body_threshold=0.1,
-                     use_cafa=not args.no_cafa, use_generative=not args.no_generative, manifest=manifest)
-    variant = ("-nocafa" if args.no_cafa else "") + ("-nogen" if args.no_generative else "")
+    task = AliceTask(volumes, steps=args.steps, crop=args.crop, view_mode="same" if matcher is None else "mined",
+                     matcher=matcher, body_threshold=0.1, use_cafa=not args.no_cafa, use_generative=not args.no_generative, manifest=manifest)
+    variant = ("-mined" if matcher is not None else "") + ("-nocafa" if args.no_cafa else "") + ("-nogen" if args.no_generative else "")
     run_dir = args.run_dir or str(
         default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-n{args.steps}-s{args.seed}{variant}")
     config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", seed=args.seed,
