@@ -61,8 +61,9 @@ class VolumeCrops:
             percentile of the first contrast) rather than anywhere.
         bias_field_std: > 0 multiplies each crop of each channel by its own smooth random field
             ``exp(g)``, ``g`` a trilinear interpolation of normal values (this standard
-            deviation) on a 4-per-axis grid: the MRI bias field, drawn independently per view, so
-            that paired views differ by it (co-registered contrasts of one subject share theirs).
+            deviation) on a 4-per-axis grid: an MRI-like bias field drawn independently per view, so
+            that paired views always differ by one (our simulated subjects already draw one field per
+            contrast, at std 0.12 over the whole head; this one is stronger and more local).
     """
 
     def __init__(

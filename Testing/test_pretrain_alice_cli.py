@@ -50,3 +50,11 @@ def test_alice_pretrain_cli_mines_views_across_volumes_with_an_encoder(populatio
     point = (np.array(volume.shape) // 2).astype(float)
     found, score = matcher(0, 1, point)
     assert np.linalg.norm((found - point) * 3.0) <= 6.0 and score > 0.5
+
+
+def test_method_options_are_refused_with_another_method(population_small, tmp_path, capsys):
+    base = ["pretrain", "--population", str(population_small.path), "--steps", "1", "--cache-dir", str(tmp_path / "c")]
+    assert main(base + ["--method", "ld", "--no-cafa"]) != 0
+    assert "Alice options" in capsys.readouterr().err
+    assert main(base + ["--method", "alice", "--cross-subject", "2"]) != 0
+    assert "LD options" in capsys.readouterr().err

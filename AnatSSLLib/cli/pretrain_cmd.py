@@ -183,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
         if sinks[stage] is not None:
             sinks[stage](event)
 
-    if (args.no_cafa or args.no_generative) and args.method != "alice":
-        raise InputError("--no-cafa and --no-generative are Alice ablations; use them with --method alice")
+    if (args.no_cafa or args.no_generative or args.views != "same" or args.matcher) and args.method != "alice":
+        raise InputError("--views, --matcher, --no-cafa and --no-generative are Alice options; use them with --method alice")
+    if (args.cross_subject or args.bias_field) and args.method != "ld":
+        raise InputError("--cross-subject and --bias-field are LD options; use them with --method ld")
     token = CancelToken(args.cancel_file)
     with token.handle_signals():
         if args.method == "awcl":
