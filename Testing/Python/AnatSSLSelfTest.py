@@ -202,9 +202,12 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
             logic.propagateLandmarks(referenceNode, markups, [referenceNode], encoderId=encoderId, device="cpu")
         self.delayDisplay("Landmark propagation passed")
 
-    def test_segmentation_transfer_with_one_undo(self):
-        self.delayDisplay("Segmentation transfer into the edited segmentation, one undo state")
-        from AnatSSLBridge.segmentation import transfer_segmentation
+    def _transfer_scene(self, two_segments: bool, manual_segment: bool):
+        """T1 and T2 volumes, a reference segmentation on T1 ("one", and "two" if asked), an output
+        segmentation on T2 (with an empty "manual" segment if asked) and a Segment Editor logic editing it.
+
+        Returns ``(logic, t1, t2, labels, reference, output, editor)``.
+        """
         from AnatSSLLib.image import Image
 
         logic = self._logic()
@@ -213,19 +216,29 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         t2 = logic.volumeFromImage(Image(-array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T2"), "T2")
         labels = np.zeros(array.shape, np.uint8)
         labels[5:12, 6:14, 4:10] = 1
-        labels[14:20, 10:18, 12:20] = 2
-        ref_image = Image(labels, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "labels")
-        reference = logic.segmentationFromLabelmap(ref_image, t1, names={1: "one", 2: "two"},
-                                                   colors={1: (1, 0, 0), 2: (0, 0, 1)}, closedSurface=False)
+        names, colors = {1: "one"}, {1: (1, 0, 0)}
+        if two_segments:
+            labels[14:20, 10:18, 12:20] = 2
+            names[2], colors[2] = "two", (0, 0, 1)
+        reference = logic.segmentationFromLabelmap(Image(labels, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "labels"), t1,
+                                                   names=names, colors=colors, closedSurface=False)
         output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "edited")
         output.SetReferenceImageGeometryParameterFromVolumeNode(t2)
-        output.GetSegmentation().AddEmptySegment("manual", "manual", [0.0, 1.0, 0.0])
+        if manual_segment:
+            output.GetSegmentation().AddEmptySegment("manual", "manual", [0.0, 1.0, 0.0])
         editor = slicer.vtkSlicerSegmentEditorLogic()
         editor.SetMRMLScene(slicer.mrmlScene)
         editor.SetSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
         editor.SetSegmentationNode(output)
         editor.SetSourceVolumeNode(t2)
         editor.UpdateAlignedSourceVolume()
+        return logic, t1, t2, labels, reference, output, editor
+
+    def test_segmentation_transfer_with_one_undo(self):
+        self.delayDisplay("Segmentation transfer into the edited segmentation, one undo state")
+        from AnatSSLBridge.segmentation import transfer_segmentation
+
+        logic, t1, t2, labels, reference, output, editor = self._transfer_scene(two_segments=True, manual_segment=True)
         saved = []
         transfer_segmentation(slicer.mrmlScene, _ResampleSegmenter(), t1, reference, t2, output,
                               save_undo_state=lambda: saved.append(editor.SaveStateForUndo()))
@@ -255,24 +268,8 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         from AnatSSLBridge.jobs import TaskRunner
         from AnatSSLBridge.segmentation import compute_transfer, prepare_transfer, write_transfer
         from AnatSSLLib.errors import InputError
-        from AnatSSLLib.image import Image
 
-        logic = self._logic()
-        array = self._blobs((24, 26, 28))
-        t1 = logic.volumeFromImage(Image(array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T1"), "T1")
-        t2 = logic.volumeFromImage(Image(-array, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "T2"), "T2")
-        labels = np.zeros(array.shape, np.uint8)
-        labels[5:12, 6:14, 4:10] = 1
-        reference = logic.segmentationFromLabelmap(Image(labels, (1.5, 1.5, 1.5), (0, 0, 0), np.eye(3), "labels"), t1,
-                                                   names={1: "one"}, colors={1: (1, 0, 0)}, closedSurface=False)
-        output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "edited")
-        output.SetReferenceImageGeometryParameterFromVolumeNode(t2)
-        editor = slicer.vtkSlicerSegmentEditorLogic()
-        editor.SetMRMLScene(slicer.mrmlScene)
-        editor.SetSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
-        editor.SetSegmentationNode(output)
-        editor.SetSourceVolumeNode(t2)
-        editor.UpdateAlignedSourceVolume()
+        _, t1, t2, _, reference, output, editor = self._transfer_scene(two_segments=False, manual_segment=False)
         with self.assertRaises(InputError):  # the reference is the source volume
             prepare_transfer(slicer.mrmlScene, t2, reference, t2, output)
         plan = prepare_transfer(slicer.mrmlScene, t1, reference, t2, output)
