@@ -13,7 +13,7 @@ from AnatSSLLib.cli import main
 from AnatSSLLib.errors import InputError
 from AnatSSLLib.image import read_image, write_image
 from AnatSSLLib.networks.segmenter import build_segmenter, init_segmenter_from_encoder
-from AnatSSLLib.tools.finetune import dice_per_label
+from AnatSSLLib.metrics import dice_per_label
 
 TISSUE = (1, 2, 3)  # csf, gm, wm
 
@@ -44,7 +44,7 @@ def test_finetune_cli_learns_tissue_from_one_subject_and_reuses_the_network(popu
     pred = read_image(out / f"{test.name}_t1_labels.nii.gz")
     truth = read_image(_tissue_labels(test, tmp_path))
     assert pred.same_geometry(truth)  # the label map comes back on the target's own grid
-    dice = dice_per_label(pred.array, truth.array, TISSUE)
+    dice = dice_per_label(pred, truth, TISSUE)
     # 100 steps on one low-resolution subject (3.4-5 mm voxels): far from converged, well above chance (0)
     assert dice[3] > 0.5 and np.mean(list(dice.values())) > 0.3, dice
     # the saved network gives the same answer without training again

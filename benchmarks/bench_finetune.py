@@ -28,14 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-TISSUE = [1, 2, 3] + list(range(8, 20))
-BRAIN = list(range(1, 24))
-ALL = list(range(1, 26))
-
-
-def _mean(d: dict, labels) -> float:
-    vals = [d[k] for k in labels if k in d and not np.isnan(d[k])]
-    return float(np.mean(vals)) if vals else float("nan")
+from bench_segmentation import ALL, BRAIN, TISSUE, summary  # the same label sets and means
 
 
 def main(argv=None) -> int:
@@ -61,7 +54,8 @@ def main(argv=None) -> int:
     from AnatSSLLib.bench import machine_info
     from AnatSSLLib.data.population import load_population
     from AnatSSLLib.encoders import load_encoder
-    from AnatSSLLib.tools.finetune import FinetuneSettings, dice_per_label, finetune
+    from AnatSSLLib.metrics import dice_per_label
+    from AnatSSLLib.tools.finetune import FinetuneSettings, finetune
 
     train_pop, eval_pop = load_population(args.train), load_population(args.eval)
     named = [item.split("=", 1) for item in args.encoders.split(",")]
@@ -90,7 +84,7 @@ def main(argv=None) -> int:
         "torch_threads": args.threads, "machine": machine_info(),
     })
     result.setdefault("runs", {})
-    targets = [(s.name, s.image(args.contrast), s.labels().array) for s in eval_pop.subjects]
+    targets = [(s.name, s.image(args.contrast), s.labels()) for s in eval_pop.subjects]
     for n in (int(v) for v in args.subjects.split(",")):
         subjects = train_pop.subjects[:n]
         images = [s.image(args.contrast) for s in subjects]
@@ -103,14 +97,15 @@ def main(argv=None) -> int:
             seg = finetune(encoders[enc_name], images, labels, settings)
             per_target, t0 = {}, time.perf_counter()
             for name, image, truth in targets:
-                per_target[name] = dice_per_label(seg.segment(image).array, truth, ALL)
+                per_target[name] = dice_per_label(seg.segment(image), truth, ALL)
             seg_s = (time.perf_counter() - t0) / len(targets)
             per_label = {k: float(np.nanmean([d[k] for d in per_target.values()])) for k in ALL}
+            means = summary(per_label)
             entry = {
                 "encoder": encoders[enc_name].encoder_id, "init": init, "training_subjects": [s.name for s in subjects],
-                "mean_dice_tissue": _mean(per_label, TISSUE), "mean_dice_brain": _mean(per_label, BRAIN),
-                "mean_dice_all": _mean(per_label, ALL),
-                "per_target_tissue": {k: _mean(v, TISSUE) for k, v in per_target.items()},
+                "mean_dice_tissue": means["mean_tissue"], "mean_dice_brain": means["mean_brain"],
+                "mean_dice_all": means["mean_all"],
+                "per_target_tissue": {k: summary(v)["mean_tissue"] for k, v in per_target.items()},
                 "dice_per_label": {str(k): v for k, v in per_label.items()},
                 "train_seconds": seg.info["seconds"], "samples_per_second": seg.info["samples_per_second"],
                 "peak_memory_mb": seg.info["peak_memory_mb"], "final_loss": seg.info["final_loss"],

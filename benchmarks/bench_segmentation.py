@@ -43,15 +43,6 @@ BRAIN = list(range(1, 24))
 ALL = list(range(1, 26))
 
 
-def dice(pred: np.ndarray, truth: np.ndarray, labels) -> dict[int, float]:
-    out = {}
-    for lab in labels:
-        a, b = pred == lab, truth == lab
-        s = int(a.sum() + b.sum())
-        out[lab] = float(2.0 * (a & b).sum() / s) if s else float("nan")
-    return out
-
-
 def summary(d: dict[int, float]) -> dict[str, float]:
     def m(ids):
         v = [d[i] for i in ids if not np.isnan(d[i])]
@@ -86,6 +77,7 @@ def main(argv=None) -> int:
     from AnatSSLLib.data.population import load_population
     from AnatSSLLib.embedding import EmbeddingStore
     from AnatSSLLib.encoders import load_encoder, random_weights_like
+    from AnatSSLLib.metrics import dice_per_label
     from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
 
     torch.set_num_threads(args.threads)
@@ -133,21 +125,21 @@ def main(argv=None) -> int:
         report["runs"][f"{args.reference_contrast}->{contrast}"] = run
         for subject in pop.subjects[: args.subjects]:
             target = subject.image(contrast)
-            truth = subject.labels().array
+            truth = subject.labels()
             for m in methods:
                 t0 = time.perf_counter()
                 if m == "bspline":
                     tr = register(target, ref, "bspline")
                     dt = time.perf_counter() - t0
                     for name, t in (("bspline", tr), ("affine", tr.GetNthTransform(0))):
-                        pred = resample_labels(ref_labels, target, t).array
-                        run[name]["per_target"][subject.name] = dice(pred, truth, ALL)
+                        pred = resample_labels(ref_labels, target, t)
+                        run[name]["per_target"][subject.name] = dice_per_label(pred, truth, ALL)
                         run[name]["seconds"][subject.name] = dt
                     continue
                 seg = segmenters[m]
-                pred = seg.segment(ref, ref_labels, target).array
+                pred = seg.segment(ref, ref_labels, target)
                 dt = time.perf_counter() - t0
-                run[m]["per_target"][subject.name] = dice(pred, truth, ALL)
+                run[m]["per_target"][subject.name] = dice_per_label(pred, truth, ALL)
                 run[m]["seconds"][subject.name] = dt
                 if m in ("embedding", "random", "hybrid", "random+hybrid"):
                     c = seg.last_correspondences[0]

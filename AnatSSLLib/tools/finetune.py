@@ -40,7 +40,7 @@ from ..image import Image, check_volume
 from ..networks.segmenter import build_segmenter, init_segmenter_from_encoder, size_divisor
 from .segmentation import check_reference_labels
 
-__all__ = ["FinetuneSettings", "FinetuneTask", "Segmenter", "finetune", "load_segmenter", "dice_per_label"]
+__all__ = ["FinetuneSettings", "FinetuneTask", "Segmenter", "finetune", "load_segmenter"]
 
 _WEIGHTS, _META = "segmenter.safetensors", "segmenter.json"
 FORMAT_VERSION = 1
@@ -339,12 +339,3 @@ def finetune(
     return Segmenter(task.model.eval(), man.architecture, dict(man.architecture_params), values, spacing,
                      dict(man.intensity or {}), settings.crop, info, settings.overlap)
 
-
-def dice_per_label(prediction: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """Dice of each label value (NaN where the label is in neither map)."""
-    out = {}
-    for lab in labels:
-        p, t = prediction == lab, truth == lab
-        denom = int(p.sum()) + int(t.sum())
-        out[int(lab)] = float(2 * np.logical_and(p, t).sum() / denom) if denom else float("nan")
-    return out
