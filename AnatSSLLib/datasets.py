@@ -20,7 +20,7 @@ from .encoders import normalise_intensity, to_encoder_grid
 from .errors import InputError
 from .image import Image, check_volume, read_image
 
-__all__ = ["VolumeCrops", "find_volumes"]
+__all__ = ["VolumeCrops", "find_volumes", "pad_to_size", "subject_images"]
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -45,6 +45,18 @@ def find_volumes(paths: Sequence[str | os.PathLike], pattern: str | None = None)
     if not found:
         raise InputError(f"no volumes ({', '.join(_VOLUME_SUFFIXES)}) found in {[str(p) for p in paths]}")
     return found
+
+
+def subject_images(entry: Image | str | os.PathLike | Sequence[Image | str | os.PathLike]) -> list[Image]:
+    """The images of one subject entry: an image or path, or a list of them (its co-registered contrasts)."""
+    members = [entry] if isinstance(entry, (Image, str, os.PathLike)) else list(entry)
+    return [v if isinstance(v, Image) else read_image(v) for v in members]
+
+
+def pad_to_size(arr: np.ndarray, size: int) -> np.ndarray:
+    """``arr`` zero-padded at the far end of every axis shorter than ``size`` (unchanged if none is)."""
+    pad = [(0, max(0, size - s)) for s in arr.shape]
+    return np.pad(arr, pad, mode="constant") if any(p[1] for p in pad) else arr
 
 
 class VolumeCrops:
@@ -85,16 +97,14 @@ class VolumeCrops:
         self.names: list[str] = []
         fingerprint = hashlib.sha256()
         for entry in subjects:
-            members = [entry] if isinstance(entry, (Image, str, os.PathLike)) else list(entry)
             arrays, grid0 = [], None
-            for v in members:
-                image = v if isinstance(v, Image) else read_image(v)
+            for image in subject_images(entry):
                 check_volume(image, ndim=3, name=image.name)
                 grid = to_encoder_grid(image, None if spacing is None else tuple(spacing))
                 if grid0 is not None and not grid.same_geometry(grid0, atol=1e-3):
                     raise InputError(f"{image.name}: not on the grid of {grid0.name}; contrasts of one subject must be co-registered")
                 grid0 = grid0 or grid
-                arrays.append(self._pad_to(normalise_intensity(grid.array, intensity), self.crop_size))
+                arrays.append(pad_to_size(normalise_intensity(grid.array, intensity), self.crop_size))
                 fingerprint.update(np.ascontiguousarray(image.array).tobytes())
             self.subjects.append(np.stack(arrays))
             self.names.append(grid0.name)
@@ -102,11 +112,6 @@ class VolumeCrops:
         self.foreground_fraction = float(foreground_fraction)
         self.bias_field_std = float(bias_field_std)
         self._fg = [np.argwhere(a[0] > np.percentile(a[0], 60)) for a in self.subjects]
-
-    @staticmethod
-    def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
-        pad = [(0, max(0, size - s)) for s in arr.shape]
-        return np.pad(arr, pad, mode="constant") if any(p[1] for p in pad) else arr
 
     def __len__(self) -> int:
         return len(self.subjects)

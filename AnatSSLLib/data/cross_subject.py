@@ -22,15 +22,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..datasets import subject_images
 from ..errors import InputError
-from ..image import Image, read_image, resample_to
+from ..image import Image, resample_to
 
 __all__ = ["cross_subject_views"]
-
-
-def _as_images(entry) -> list[Image]:
-    members = [entry] if isinstance(entry, (Image, str)) or hasattr(entry, "__fspath__") else list(entry)
-    return [m if isinstance(m, Image) else read_image(m) for m in members]
 
 
 def cross_subject_views(
@@ -59,7 +55,7 @@ def cross_subject_views(
     """
     from ..baselines.registration import register
 
-    entries = [_as_images(e) for e in subjects]
+    entries = [subject_images(e) for e in subjects]
     n = len(entries)
     if n < 2:
         raise InputError(f"cross-subject views need at least 2 subjects, got {n}")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..datasets import pad_to_size
 from ..encoders import LoadedEncoder, normalise_intensity, to_encoder_grid
 from ..errors import CacheError, InputError
 from ..image import Image, check_volume
@@ -93,11 +94,6 @@ def _prepare_pair(image: Image, labels: Image, spacing, intensity) -> tuple[np.n
     return normalise_intensity(grid.array, intensity), np.asarray(lab_grid.array, dtype=np.int64)
 
 
-def _pad_to(arr: np.ndarray, size: int, value: float) -> np.ndarray:
-    pad = [(0, max(0, size - s)) for s in arr.shape]
-    return np.pad(arr, pad, constant_values=value) if any(p for _, p in pad) else arr
-
-
 class FinetuneTask:
     """Supervised fine-tuning as a :class:`~AnatSSLLib.engine.TrainingTask`.
 
@@ -118,8 +114,8 @@ class FinetuneTask:
         from monai.losses import DiceCELoss
 
         c = settings.crop
-        self.images = [_pad_to(a, c, 0.0) for a in images]
-        self.labels = [_pad_to(a, c, 0) for a in labels]
+        self.images = [pad_to_size(a, c) for a in images]
+        self.labels = [pad_to_size(a, c) for a in labels]
         self.foreground = [np.flatnonzero(lab.ravel() > 0) for lab in self.labels]
         self.architecture, self.params, self.num_classes = architecture, dict(params), int(num_classes)
         self.encoder_state, self.settings, self._manifest = encoder_state, settings, dict(manifest)
@@ -203,7 +199,7 @@ class Segmenter:
         grid = to_encoder_grid(image, self.spacing)
         x = normalise_intensity(grid.array, self.intensity)
         shape = x.shape
-        x = _pad_to(x, self.crop, 0.0)
+        x = pad_to_size(x, self.crop)
         self.model.eval()
         t = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
         logits = sliding_window_inference(t, (self.crop,) * 3, 4, self.model, overlap=self.overlap, mode="gaussian")
