@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from AnatSSLLib.bench import machine_info
+    from AnatSSLLib.bench import machine_info, write_report
     from AnatSSLLib.data.population import load_population
     from AnatSSLLib.encoders import load_encoder
     from AnatSSLLib.metrics import dice_per_label
@@ -114,9 +113,7 @@ def main(argv=None) -> int:
             result["runs"].setdefault(f"{n}_subject{'s' if n > 1 else ''}", {})[run_name] = entry
             print(f"{n} subj {run_name:22s} tissue {entry['mean_dice_tissue']:.3f} brain {entry['mean_dice_brain']:.3f} "
                   f"all {entry['mean_dice_all']:.3f}  train {entry['train_seconds']:.0f} s", flush=True)
-            tmp = out_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, out_path)
+            write_report(result, out_path)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 
 from .cache_cmd import add_cache_option, cache_from_args
 
-__all__ = ["add_encoder_options", "encoder_from_args", "output_stem", "parse_point"]
+__all__ = ["add_encoder_options", "encoder_from_args", "output_stem", "output_stems", "parse_point"]
 
 
 def add_encoder_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -52,3 +52,13 @@ def output_stem(path: str) -> str:
             name = name[: -len(suffix)]
             break
     return f"{p.parent.name}_{name}" if p.parent.name else name
+
+
+def output_stems(paths) -> list[str]:
+    """:func:`output_stem` of each target, refusing two targets that would write the same output file."""
+    from ..errors import InputError
+
+    stems = [output_stem(p) for p in paths]
+    if len(set(stems)) != len(stems):
+        raise InputError("two targets would write the same output file; give targets with distinct names")
+    return stems

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import add_encoder_options, encoder_from_args, output_stem
+from ._common import add_encoder_options, encoder_from_args, output_stems
 
 __all__ = ["add_parser", "run"]
 
@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import make_progress
     from ..tools.finetune import FinetuneSettings, finetune, load_segmenter
 
-    stems = [output_stem(t) for t in args.targets]
-    if len(set(stems)) != len(stems):
-        raise InputError("two targets would write the same output file; give targets with distinct names")
+    stems = output_stems(args.targets)
     out = Path(args.out)
     if args.segmenter:
         if args.images or args.labels:

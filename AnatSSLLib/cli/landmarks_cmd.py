@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import add_encoder_options, encoder_from_args, output_stem
+from ._common import add_encoder_options, encoder_from_args, output_stems
 
 __all__ = ["add_parser", "run"]
 
@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"encoder {encoder.encoder_id} is {encoder.spatial_dims}D; landmarks need a 3D encoder")
     reference = read_image(args.reference)
     points = read_points(args.points)
-    stems = [output_stem(t) for t in args.targets]
-    if len(set(stems)) != len(stems):
-        raise InputError("two targets would write the same output file; give targets with distinct names")
+    stems = output_stems(args.targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     locator = LandmarkLocator(EmbeddingStore(encoder), sigmas_mm=sigmas, search_radius_mm=args.search_radius)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import add_encoder_options, encoder_from_args, output_stem
+from ._common import add_encoder_options, encoder_from_args, output_stems
 
 __all__ = ["add_parser", "run"]
 
@@ -57,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
             labels = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError:
             raise InputError(f"--labels: expected comma-separated integer ids, got {args.labels!r}") from None
-    stems = [output_stem(t) for t in args.targets]
-    if len(set(stems)) != len(stems):
-        raise InputError("two targets would write the same output file; give targets with distinct names")
+    stems = output_stems(args.targets)
     references = [read_image(r) for r in args.reference]
     ref_labels = [read_image(r) for r in args.reference_labels]
     for image, lab in zip(references, ref_labels):
