@@ -67,6 +67,9 @@ def test_finetune_cli_bad_input(population_small, tmp_path, capsys):
     assert main(["finetune", "--images", _path(s, "t1"), "--labels", _path(other, "labels"),
                  "--out", str(out), "--device", "cpu", "--steps", "1"]) != 0
     assert "grid" in capsys.readouterr().err
+    assert main(["finetune", "--segmenter", str(tmp_path / "none"), "--targets", _path(s, "t1"), _path(s, "t1"),
+                 "--out", str(out)]) != 0
+    assert "would write the same output file" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
     with pytest.raises(InputError, match="cannot initialise a segmentation network"):
         build_segmenter("awcl_resnet2d", {}, 4)
