@@ -268,9 +268,9 @@ class EmbeddingSegmentation:
     description = "embedding correspondence (global affine + local matching), warped label shapes"
 
     def __init__(self, encoder=None, device: str = "auto", **options) -> None:
-        from ..encoders import LoadedEncoder, load_encoder
+        from ..encoders import encoder_for_tool
 
-        enc = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, device=device)
+        enc = encoder_for_tool(encoder, "cross-modality segmentation", device=device)
         self.segmenter = CrossModalitySegmenter(EmbeddingStore(enc), **options)
         self._reference: Image | None = None
         self._labels: Image | None = None
