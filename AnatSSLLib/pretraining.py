@@ -42,7 +42,10 @@ class LDPretrainSettings:
     that all come in one anatomical orientation, as our encoder grids do; the paper's fundus
     images have none, hence its +-180 degrees and flips. ``view_warp_vox`` > 0 also deforms view 2
     by a smooth random displacement of about that many voxels, undone on the features (our
-    extension, see :func:`~AnatSSLLib.methods.ld.make_ld_batch`). ``cross_subject_neighbours`` > 0
+    extension, see :func:`~AnatSSLLib.methods.ld.make_ld_batch`). ``view_shift``, ``view_turn_deg``,
+    ``view_zoom`` > 0 take view 2 from another crop (moved by up to that fraction of the crop size
+    per axis, turned by up to that many degrees, zoomed by up to that fraction) and pair the patches
+    at the same anatomy (our extension against a positional shortcut, same function). ``cross_subject_neighbours`` > 0
     registers that many other training subjects onto each one (affine) and pairs crops across
     them, so the same anatomy in two heads becomes a positive pair (our extension, see
     :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
@@ -64,6 +67,9 @@ class LDPretrainSettings:
     paired_contrasts: bool = True
     canonical_orientation: bool = False
     view_warp_vox: float = 0.0
+    view_shift: float = 0.0
+    view_turn_deg: float = 0.0
+    view_zoom: float = 0.0
     cross_subject_neighbours: int = 0
     bias_field_std: float = 0.0
     seed: int = 0
@@ -81,6 +87,12 @@ def _augment(settings: LDPretrainSettings) -> dict[str, Any]:
         augment.update(rotate_deg=(15.0, 15.0, 15.0), shared_flip=False)
     if settings.view_warp_vox > 0:
         augment.update(view_warp_vox=float(settings.view_warp_vox))
+    if settings.view_shift > 0:
+        augment.update(view_shift=float(settings.view_shift))
+    if settings.view_turn_deg > 0:
+        augment.update(view_turn_deg=float(settings.view_turn_deg))
+    if settings.view_zoom > 0:
+        augment.update(view_zoom=float(settings.view_zoom))
     return augment
 
 
@@ -137,6 +149,8 @@ def pretrain_ld(
             + (f", cross-subject views ({settings.cross_subject_neighbours} affine neighbours each)"
                if settings.cross_subject_neighbours else "")
             + (f", per-view bias fields (std {settings.bias_field_std:g})" if settings.bias_field_std else "")
+            + (f", view 2 another crop (shift {settings.view_shift:g}, turn {settings.view_turn_deg:g} deg, "
+               f"zoom {settings.view_zoom:g})" if settings.view_shift or settings.view_turn_deg or settings.view_zoom else "")
         ),
     }
     common = dict(

@@ -25,6 +25,7 @@ from AnatSSLLib.methods.ld import (
     gaussian_smooth_embedding,
     make_ld_batch,
     mixup_loss,
+    overlap_patch_pairs,
     patch_discrimination_loss,
     pixel_region_loss,
     region_discrimination_loss,
@@ -327,3 +328,77 @@ def test_warped_views_pass_through_batch_rows_and_loss():
     total, terms = LDLoss("pd", grid=4)(e, None, v)
     assert torch.isfinite(total) and set(terms) == {"pd", "mix"}
     assert make_ld_batch(x, torch.Generator().manual_seed(2)).warp is None  # off by default, as the paper
+
+
+# ----------------------------------------------------------------- views from other crops (ours)
+
+
+def _translation(t: torch.Tensor) -> torch.Tensor:
+    """pair_map of a pure shift: view 2 at x shows view 1 at x + t, so y -> y - t."""
+    d = t.shape[1]
+    return torch.cat([torch.eye(d).expand(t.shape[0], d, d), -t.unsqueeze(-1)], dim=2)
+
+
+def test_overlap_patch_pairs_without_shift_are_the_centre_weighted_patches():
+    e = torch.nn.functional.normalize(torch.randn(2, 5, 16, 16, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    p1, p2, valid = overlap_patch_pairs(e, e, _translation(torch.zeros(2, 3)), grid=4)
+    want = centre_weighted_patches(e, 4)
+    assert torch.allclose(p1, want, atol=1e-5) and torch.allclose(p2, want, atol=1e-5) and bool(valid.all())
+
+
+def test_overlap_patch_pairs_meet_at_the_same_anatomy():
+    # two crops of one field, the second moved by t: e2(x) = e1(x + t). Cell g of the overlap must
+    # give nearly the same vector in both; pairing cells without the shift must not.
+    field = _smooth_field(40)
+    t = torch.tensor([[5.0, -3.0, 7.0]])
+    e1 = field[:, :, 8:32, 8:32, 8:32]
+    e2 = field[:, :, 13:37, 5:29, 15:39]
+    p1, p2, valid = overlap_patch_pairs(e1, e2, _translation(t), grid=4)
+    assert p1.shape == (1, 64, 3) and bool(valid.all())
+    paired = (p1 * p2).sum(-1)
+    unshifted = (centre_weighted_patches(e1, 4) * centre_weighted_patches(e2, 4)).sum(-1)
+    assert float(paired.min()) > 0.995
+    assert float((1 - unshifted).mean()) > 10 * float((1 - paired).mean())
+    with pytest.raises(InputError):
+        overlap_patch_pairs(e1, e2, _translation(torch.tensor([[24.0, 0.0, 0.0]])), grid=4)  # no overlap
+
+
+def _view_settings(**extra):
+    return dict(rotate_deg=(0.0, 0.0, 0.0), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), view_rotate_deg=0.0,
+                brightness=0.0, contrast=0.0, gamma=(1.0, 1.0), **extra)
+
+
+@pytest.mark.parametrize("extra", [dict(view_shift=0.25), dict(view_shift=0.2, view_turn_deg=12.0, view_zoom=0.1)])
+def test_other_crop_views_follow_their_pair_map(extra):
+    from scipy.ndimage import map_coordinates
+
+    x = _smooth_field(32)[:, :1].repeat(4, 1, 1, 1, 1) * torch.linspace(1, 2, 4).view(4, 1, 1, 1, 1)
+    v = make_ld_batch(x, torch.Generator().manual_seed(4), flip_rot90=False, shared_flip=False, **_view_settings(**extra))
+    assert v.pair_map.shape == (4, 3, 4)
+    assert torch.equal(LDViews.from_any(v.as_dict()).pair_map, v.pair_map)
+    assert v.rows(slice(1, 2)).pair_map.shape == (2, 3, 4)
+    # view 1 at y shows what view 2 shows at pair_map @ [y, 1]: compare where both are inside
+    a1, a2 = v.images[0, 0].double().numpy(), v.images[4, 0].double().numpy()
+    ys = torch.stack(torch.meshgrid(*[torch.arange(10, 22)] * 3, indexing="ij"), -1).reshape(-1, 3).double()
+    xs = ys @ v.pair_map[0, :, :3].double().T + v.pair_map[0, :, 3].double()
+    inside = ((xs > 0) & (xs < 31)).all(1)
+    assert int(inside.sum()) > 100
+    at_view2 = map_coordinates(a2, xs[inside].T.numpy(), order=1)
+    at_view1 = a1[tuple(ys[inside].long().T.numpy())]
+    assert abs(at_view1 - at_view2).max() < 0.03 * float(a1.max() - a1.min())
+    assert make_ld_batch(x, torch.Generator().manual_seed(4)).pair_map is None  # off by default, as the paper
+
+
+def test_other_crop_views_pass_through_the_loss():
+    # an embedding that follows the content scores its positives better with the map than without
+    noise = torch.rand(4, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    v = make_ld_batch(noise, torch.Generator().manual_seed(4), **_view_settings(view_shift=0.25))
+    proj = torch.randn(8, 1, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    e = torch.nn.functional.normalize(torch.nn.functional.conv3d(v.images, proj, padding=1), dim=1)
+    loss = LDLoss("pd", grid=4)
+    _, mapped = loss(e, None, v)
+    _, ignored = loss(e, None, LDViews(v.images, v.lam, v.flips, v.rot90_k))
+    assert mapped["pd"] < ignored["pd"] and torch.isfinite(mapped["mix"])
+    # the paper's views keep their random stream when the extension is off
+    plain = make_ld_batch(noise, torch.Generator().manual_seed(4))
+    assert plain.pair_map is None and torch.equal(plain.images, make_ld_batch(noise, torch.Generator().manual_seed(4)).images)

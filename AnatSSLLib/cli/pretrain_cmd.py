@@ -58,6 +58,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--view-warp", type=float, default=0.0, metavar="VOXELS",
                    help="deform the second view by a smooth random displacement of about this many voxels, "
                         "undone on the features (our extension; default 0: off, as the paper)")
+    p.add_argument("--view-shift", type=float, default=0.0, metavar="FRACTION",
+                   help="LD: take the second view from a crop moved by up to this fraction of the crop size per axis, "
+                        "so that a patch cannot be recognised by where it lies in the crop (our extension; "
+                        "default 0: off, as the paper)")
+    p.add_argument("--view-turn", type=float, default=0.0, metavar="DEG",
+                   help="LD: turn the second view's crop by up to this many degrees in each plane, undone when "
+                        "patches are paired (our extension; default 0: off)")
+    p.add_argument("--view-zoom", type=float, default=0.0, metavar="FRACTION",
+                   help="LD: zoom the second view's crop by a factor in 1 +- FRACTION (our extension; default 0: off)")
     awcl = p.add_argument_group("AWCL (2D) and Alice (3D)")
     awcl.add_argument("--steps", type=int, default=1000, help="AWCL or Alice training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
@@ -171,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         pd_steps=args.pd_steps, ld_steps=args.ld_steps, batch_size=args.batch_size, crop_size=args.crop,
         spacing_mm=args.spacing, grid=args.grid, num_clusters=args.clusters, lr=args.lr, lr_halve_every=args.lr_halve_every,
         paired_contrasts=not args.no_paired_contrasts, canonical_orientation=args.canonical_orientation,
-        view_warp_vox=args.view_warp, cross_subject_neighbours=args.cross_subject,
+        view_warp_vox=args.view_warp, view_shift=args.view_shift,
+        view_turn_deg=args.view_turn, view_zoom=args.view_zoom, cross_subject_neighbours=args.cross_subject,
         bias_field_std=args.bias_field, seed=args.seed, device=args.device,
     )
     sinks: dict = {}
@@ -185,8 +195,12 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.no_cafa or args.no_generative or args.views != "same" or args.matcher) and args.method != "alice":
         raise InputError("--views, --matcher, --no-cafa and --no-generative are Alice options; use them with --method alice")
-    if (args.cross_subject or args.bias_field) and args.method != "ld":
-        raise InputError("--cross-subject and --bias-field are LD options; use them with --method ld")
+    ld_only = (args.cross_subject, args.bias_field, args.view_warp, args.view_shift, args.view_turn, args.view_zoom)
+    if any(ld_only) and args.method != "ld":
+        raise InputError("--cross-subject, --bias-field and the --view-* options are LD options; use them with --method ld")
+    if not (0.0 <= args.view_shift < 0.5 and 0.0 <= args.view_turn <= 45.0 and 0.0 <= args.view_zoom < 0.5):
+        raise InputError(f"--view-shift and --view-zoom are fractions in [0, 0.5) and --view-turn is at most 45 degrees; "
+                         f"got {args.view_shift}, {args.view_zoom} and {args.view_turn}")
     token = CancelToken(args.cancel_file)
     with token.handle_signals():
         if args.method == "awcl":

@@ -66,6 +66,7 @@ __all__ = [
     "undo_flip_rot90",
     "unwarp_features",
     "average_patches",
+    "overlap_patch_pairs",
     "centre_weighted_patches",
     "gaussian_pool_at",
     "gaussian_smooth_embedding",
@@ -127,6 +128,10 @@ class LDViews:
         rot90_k: ``2B`` long, quarter turns of ``[A2, B2]`` in the plane of the last two axes.
         warp: ``2B, *S, d`` or None: the smooth displacement (grid_sample's normalised x-y-z
             units, before the flip/rot90) by which ``[A2, B2]`` were sampled; undone on the features.
+        pair_map: ``2B, d, d+1`` or None: the affine map from view 1's voxel indices to view 2's
+            (axis order, before the flip/rot90) when ``[A2, B2]`` are other crops than ``[A1, B1]``
+            (``view_shift``, ``view_turn_deg``, ``view_zoom`` of :func:`make_ld_batch`): the anatomy
+            at ``y`` in view 1 is at ``pair_map @ [y, 1]`` in view 2.
     """
 
     images: Tensor
@@ -134,6 +139,7 @@ class LDViews:
     flips: Tensor
     rot90_k: Tensor
     warp: Tensor | None = None
+    pair_map: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -144,6 +150,8 @@ class LDViews:
         out = {"images": self.images, "lam": self.lam, "flips": self.flips, "rot90_k": self.rot90_k}
         if self.warp is not None:
             out["warp"] = self.warp
+        if self.pair_map is not None:
+            out["pair_map"] = self.pair_map
         return out
 
     @classmethod
@@ -152,7 +160,7 @@ class LDViews:
         if isinstance(batch, LDViews):
             return batch
         if isinstance(batch, Mapping) and {"images", "lam", "flips", "rot90_k"} <= set(batch):
-            return cls(batch["images"], batch["lam"], batch["flips"], batch["rot90_k"], batch.get("warp"))
+            return cls(batch["images"], batch["lam"], batch["flips"], batch["rot90_k"], batch.get("warp"), batch.get("pair_map"))
         raise InputError(
             "LD batch: expected LDViews or a dict with images, lam, flips, rot90_k, got "
             f"{type(batch).__name__}"
@@ -166,7 +174,8 @@ class LDViews:
         fl = torch.cat([self.flips[g * b + idx] for g in range(2)])
         k = torch.cat([self.rot90_k[g * b + idx] for g in range(2)])
         warp = None if self.warp is None else torch.cat([self.warp[g * b + idx] for g in range(2)])
-        return LDViews(img, self.lam[idx], fl, k, warp)
+        pair_map = None if self.pair_map is None else torch.cat([self.pair_map[g * b + idx] for g in range(2)])
+        return LDViews(img, self.lam[idx], fl, k, warp, pair_map)
 
 
 def apply_flip_rot90(x: Tensor, flips: Tensor, k: Tensor) -> Tensor:
@@ -276,6 +285,9 @@ def make_ld_batch(
     shared_flip: bool = True,
     view_warp_vox: float = 0.0,
     view_warp_control: int = 4,
+    view_shift: float = 0.0,
+    view_turn_deg: float = 0.0,
+    view_zoom: float = 0.0,
 ) -> LDViews:
     """LD's views of ``images`` (``2B, C, *S``: the first B are the A images, the last B the B
     images), METHODS.md 2.2.
@@ -297,6 +309,18 @@ def make_ld_batch(
     :class:`LDLoss` undoes on the features. The same anatomy under two different local
     deformations is then one positive pair, so the embedding learns to ignore the shape
     differences between subjects that patch discrimination alone treats as identity.
+
+    ``view_shift > 0``, ``view_turn_deg > 0``, ``view_zoom > 0`` (our extension, off by default; not
+    in the paper): view 2 is another crop of the same image: moved against view 1's by a random
+    translation of up to ``view_shift`` times the crop size per axis, turned by up to
+    ``view_turn_deg`` degrees in each plane (in place of ``view_rotate_deg``) and zoomed by a factor
+    in ``1 +- view_zoom`` (outside the image is filled as above). The exact voxel map between the
+    views is returned (``pair_map``) and :class:`LDLoss` pairs patches at the same anatomy. With one crop shared by both views, as in
+    the paper, a 3D network can solve patch discrimination from where a patch lies in the crop (its
+    receptive field reaches the crop's borders); measured on our CPU-trained encoders: moving a
+    32^3 input by 6 voxels left the embedding of the same anatomy no closer than that of two random
+    voxels (cosine -0.05), while a random-weight network keeps it (0.99). Shifted crops take that
+    shortcut away: a patch can then only be told from the others by its content.
 
     Each view is one ``grid_sample`` (bilinear) of the original image with the composed affine
     map; outside the image is filled with the image's minimum. Random numbers come from
@@ -351,10 +375,23 @@ def make_ld_batch(
         to_normalised = torch.tensor([2.0 / s for s in shape]).view(1, d, *([1] * d))
         warp = (dense * to_normalised).flip(1).movedim(1, -1).to(images.device, images.dtype)  # n, *S, d (x-y-z)
 
-    views = []
+    other_crop = view_shift > 0 or view_turn_deg > 0 or view_zoom > 0
+    sizes = torch.tensor(shape, dtype=torch.float64)
+    if other_crop:  # drawn only when asked for, so that the paper's views keep their random stream
+        shift = (2.0 * torch.rand((n, d), generator=gen, dtype=torch.float64) - 1.0) * float(view_shift) * sizes
+        zoom = _uniform(gen, n, 1.0 - float(view_zoom), 1.0 + float(view_zoom))
+
+    views, rotations = [], []
     for view in range(2):
-        vrot = _random_rotation(gen, n, d, [view_rotate_deg] * (1 if d == 2 else 3))
-        theta = _view_grids(shape, (a_shared, t_shared), vrot).to(images.device, images.dtype)
+        turn = view_turn_deg if (view == 1 and view_turn_deg > 0) else view_rotate_deg
+        vrot = _random_rotation(gen, n, d, [turn] * (1 if d == 2 else 3))
+        rotations.append(vrot)
+        theta = _view_grids(shape, (a_shared, t_shared), vrot)
+        if view == 1 and other_crop:  # sample at theta(z (x + t)), x and t in centred voxels
+            t_xyz = (shift * 2.0 / sizes).flip(1)
+            lin = theta[:, :, :d] * zoom.view(n, 1, 1)
+            theta = torch.cat([lin, theta[:, :, d:] + lin @ t_xyz.unsqueeze(-1)], dim=2)
+        theta = theta.to(images.device, images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         if view == 1 and warp is not None:  # sample at theta(x + u(x))
             grid = grid + torch.einsum("n...j,nij->n...i", warp, theta[:, :, :d])
@@ -382,7 +419,13 @@ def make_ld_batch(
     lam = _uniform(gen, b, *mix_range).to(images.dtype)
     mix = lam.view((b,) + (1,) * (d + 1)) * v1[:b] + (1 - lam.view((b,) + (1,) * (d + 1))) * v1[b:]
     out = torch.cat([v1[:b], v1[b:], v2[:b], v2[b:], mix])
-    return LDViews(images=out, lam=lam, flips=flips, rot90_k=k.long(), warp=warp)
+    pair_map = None
+    if other_crop:  # view 1 shows S(R1^T y), view 2 S(R2^T z (x + t)): x = R2 R1^T y / z - t (centred)
+        lin = rotations[1] @ rotations[0].transpose(1, 2) / zoom.view(n, 1, 1)
+        c0 = (sizes - 1.0) / 2.0
+        offset = c0 - shift - (lin @ c0.view(1, d, 1)).squeeze(-1)
+        pair_map = torch.cat([lin, offset.unsqueeze(-1)], dim=2).to(images.dtype)
+    return LDViews(images=out, lam=lam, flips=flips, rot90_k=k.long(), warp=warp, pair_map=pair_map)
 
 
 def unwarp_features(features: Tensor, warp: Tensor, iterations: int = 3) -> Tensor:
@@ -523,6 +566,63 @@ def average_patches(embedding: Tensor, grid: int) -> Tensor:
     pool = F.adaptive_avg_pool2d if d == 2 else F.adaptive_avg_pool3d
     p = pool(embedding, int(grid))
     return l2_normalize(p.flatten(2).transpose(1, 2), dim=2)
+
+
+def overlap_patch_pairs(
+    e1: Tensor, e2: Tensor, pair_map: Tensor, grid: int, sigma: float | Sequence[float] | None = None, margin: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre-weighted patch vectors of two views at the same anatomy (view 2 another crop of view 1).
+
+    ``pair_map`` takes view 1's voxel index ``y`` to view 2's, ``x = M y + o``. Where the centre of
+    view 1 lands gives the translation ``t = c0 - x(c0)``; the overlap of the two crops,
+    ``[max(0, t), S + min(0, t))`` per axis in view 1's voxels, is cut into ``grid^d`` cells, and
+    cell ``g``'s vector is the W_c average at its centre ``c_g`` in ``e1`` and at ``M c_g + o`` in
+    ``e2`` (:func:`gaussian_pool_at`'s weights, for whole batches of small crops at once). A pair is
+    *valid* when the mapped centre lies at least ``margin`` voxels inside view 2 (with a turn or a
+    zoom some corners of the box fall outside). ``sigma`` defaults to the unshifted patch size / 4,
+    as in :func:`centre_weighted_patches`, to which this reduces for the identity map.
+
+    Args:
+        e1, e2: ``B, D, *S``. pair_map: ``B, d, d+1`` (axis order).
+
+    Returns:
+        ``(p1, p2, valid)``: ``B, grid^d, D`` each (row-major over the grid, unit L2 norm) and a
+        ``B, grid^d`` bool mask.
+    """
+    d = _check_grid(e1, grid, "overlap_patch_pairs embedding")
+    shape = tuple(e1.shape[2:])
+    if e2.shape != e1.shape or pair_map.shape != (e1.shape[0], d, d + 1):
+        raise InputError(
+            f"overlap_patch_pairs: e2 {tuple(e2.shape)} and pair_map {tuple(pair_map.shape)} do not match e1 {tuple(e1.shape)}"
+        )
+    sig = _sigmas([s / grid / 4.0 for s in shape] if sigma is None else sigma, d, "overlap_patch_pairs sigma")
+    m = pair_map.to(e1.device, e1.dtype)
+    size = torch.tensor(shape, dtype=e1.dtype, device=e1.device)
+    c0 = (size - 1.0) / 2.0
+    t = c0 - (m[:, :, :d] @ c0 + m[:, :, d])
+    lo = t.clamp_min(0.0)
+    length = size - t.abs()
+    if bool((length <= 0).any()):
+        raise InputError("overlap_patch_pairs: the views do not overlap")
+    cells = torch.arange(grid, dtype=e1.dtype, device=e1.device) + 0.5
+    axes = lo.unsqueeze(1) + cells.view(1, grid, 1) * (length / grid).unsqueeze(1) - 0.5  # B, G, d (per axis)
+    mesh = torch.meshgrid(*[torch.arange(grid, device=e1.device)] * d, indexing="ij")
+    centres = torch.stack([axes[:, mesh[a].reshape(-1), a] for a in range(d)], dim=-1)  # B, G^d, d
+    mapped = centres @ m[:, :, :d].transpose(1, 2) + m[:, :, d].unsqueeze(1)
+    valid = ((mapped >= margin - 0.5) & (mapped <= size - 0.5 - margin)).all(dim=-1)
+
+    def pool(e: Tensor, c: Tensor) -> Tensor:
+        w = [_axis_weights(shape[a], c[:, :, a], sig[a], 4.0, e) for a in range(d)]  # each B, G^d, S_a
+        if d == 2:
+            out = torch.einsum("bcxy,bny->bncx", e, w[1])
+            out = torch.einsum("bncx,bnx->bnc", out, w[0])
+        else:
+            out = torch.einsum("bcxyz,bnz->bncxy", e, w[2])
+            out = torch.einsum("bncxy,bny->bncx", out, w[1])
+            out = torch.einsum("bncx,bnx->bnc", out, w[0])
+        return l2_normalize(out, dim=2)
+
+    return pool(e1, centres), pool(e2, mapped), valid
 
 
 def gaussian_smooth_embedding(embedding: Tensor, sigma: float | Sequence[float], truncate: float = 4.0) -> Tensor:
@@ -818,10 +918,18 @@ class LDLoss(nn.Module):
         e2 = undo_flip_rot90(embedding[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
         if views.warp is not None:
             e2 = unwarp_features(e2, views.warp.to(embedding.device, embedding.dtype))
-        p = self.patches(torch.cat([embedding[: 2 * b], e2, embedding[4 * b :]]))  # 5B, G^d, D
+        if views.pair_map is None:
+            p = self.patches(torch.cat([embedding[: 2 * b], e2, embedding[4 * b :]]))  # 5B, G^d, D
+            v1, v2 = p[: 2 * b], p[2 * b : 4 * b]
+        else:  # view 2 is another crop: pair the cells of the two crops' overlap
+            if self.pooling is Pooling.AVERAGE:
+                raise InputError("LDLoss: shifted views need centre-weighted pooling (pooling='centre')")
+            v1, v2, valid = overlap_patch_pairs(embedding[: 2 * b], e2, views.pair_map, self.grid, self.sigma)
+            p = self.patches(torch.cat([embedding[: 2 * b], embedding[4 * b :]]))  # mixup: view 1's frame
+            p = torch.cat([p[: 2 * b], v2, p[2 * b :]])
+            v1, v2 = v1[valid].unsqueeze(0), v2[valid].unsqueeze(0)
         g = p.shape[1]
-        v2 = p[2 * b : 4 * b]
-        f = torch.cat([p[: 2 * b], v2]).reshape(-1, p.shape[2])
+        f = torch.cat([v1, v2]).reshape(-1, p.shape[2])
         terms: dict[str, Tensor] = {}
         terms["pd"] = patch_discrimination_loss(f, _half_pairs(f.shape[0], f.device), self.tau, self.detach_keys)
         lam = views.lam.to(p.device, p.dtype).repeat_interleave(g)
@@ -877,7 +985,7 @@ def _split_contrast_views(views: LDViews) -> LDViews:
     first = views.images[:, :1]
     second = views.images[:, 1:]
     images = torch.cat([first[: 2 * b], second[2 * b : 4 * b], first[4 * b :]])
-    return LDViews(images, views.lam, views.flips, views.rot90_k, views.warp)
+    return LDViews(images, views.lam, views.flips, views.rot90_k, views.warp, views.pair_map)
 
 
 class LDTask:
