@@ -45,7 +45,9 @@ class LDPretrainSettings:
     extension, see :func:`~AnatSSLLib.methods.ld.make_ld_batch`). ``view_shift``, ``view_turn_deg``,
     ``view_zoom`` > 0 take view 2 from another crop (moved by up to that fraction of the crop size
     per axis, turned by up to that many degrees, zoomed by up to that fraction) and pair the patches
-    at the same anatomy (our extension against a positional shortcut, same function). ``cross_subject_neighbours`` > 0
+    at the same anatomy (our extension against a positional shortcut, same function).
+    ``pd_negatives="image"`` keeps patch discrimination inside each image, so that the same
+    anatomy in another subject of the batch is never a negative (our option; the paper's is "batch"). ``cross_subject_neighbours`` > 0
     registers that many other training subjects onto each one (affine) and pairs crops across
     them, so the same anatomy in two heads becomes a positive pair (our extension, see
     :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
@@ -70,6 +72,7 @@ class LDPretrainSettings:
     view_shift: float = 0.0
     view_turn_deg: float = 0.0
     view_zoom: float = 0.0
+    pd_negatives: str = "batch"
     cross_subject_neighbours: int = 0
     bias_field_std: float = 0.0
     seed: int = 0
@@ -151,12 +154,13 @@ def pretrain_ld(
             + (f", per-view bias fields (std {settings.bias_field_std:g})" if settings.bias_field_std else "")
             + (f", view 2 another crop (shift {settings.view_shift:g}, turn {settings.view_turn_deg:g} deg, "
                f"zoom {settings.view_zoom:g})" if settings.view_shift or settings.view_turn_deg or settings.view_zoom else "")
+            + (", negatives from the same image only" if settings.pd_negatives == "image" else "")
         ),
     }
     common = dict(
         spatial_dims=3, grid=settings.grid, num_clusters=settings.num_clusters, embedding_dim=settings.embedding_dim,
         features=settings.features, sampler=data.torch_sampler(channels), paired_contrasts=paired, manifest=manifest,
-        augment=_augment(settings),
+        augment=_augment(settings), negatives=settings.pd_negatives,
     )
 
     def config(steps: int, folder: str) -> TrainingConfig:

@@ -402,3 +402,28 @@ def test_other_crop_views_pass_through_the_loss():
     # the paper's views keep their random stream when the extension is off
     plain = make_ld_batch(noise, torch.Generator().manual_seed(4))
     assert plain.pair_map is None and torch.equal(plain.images, make_ld_batch(noise, torch.Generator().manual_seed(4)).images)
+
+
+def test_pd_loss_within_image_negatives():
+    # two images, one patch pair each: inside its own group a row's only candidate is its positive,
+    # so P(pair|i) = 1 and there are no negatives: the loss is 0, whatever the other image holds
+    f = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [1.0, 0.1], [0.9, 0.3]]), dim=1)
+    pairs = torch.tensor([1, 0, 3, 2])
+    groups = torch.tensor([0, 0, 1, 1])
+    assert patch_discrimination_loss(f, pairs, TAU, groups=groups).item() == pytest.approx(0.0, abs=1e-6)
+    assert patch_discrimination_loss(f, pairs, TAU).item() > 1.0  # the paper's batch negatives
+    with pytest.raises(InputError):
+        patch_discrimination_loss(f, pairs, TAU, groups=torch.tensor([0, 1, 0, 1]))  # a pair across groups
+
+
+@pytest.mark.parametrize("extra", [{}, dict(view_shift=0.2, view_turn_deg=10.0)])
+def test_ld_loss_with_image_negatives(extra):
+    g = torch.Generator().manual_seed(0)
+    v = make_ld_batch(torch.rand(4, 1, 16, 16, 16, generator=g), g, **extra)
+    e = torch.nn.functional.normalize(torch.randn(10, 8, 16, 16, 16, generator=g), dim=1)
+    _, batch = LDLoss("pd", grid=4)(e, None, v)
+    _, image = LDLoss("pd", grid=4, negatives="image")(e, None, v)
+    assert torch.isfinite(image["pd"]) and image["pd"] < batch["pd"]  # fewer negatives, smaller sums
+    assert image["mix"] == batch["mix"]
+    with pytest.raises(InputError):
+        LDLoss("pd", negatives="subject")

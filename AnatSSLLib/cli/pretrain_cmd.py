@@ -67,6 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "patches are paired (our extension; default 0: off)")
     p.add_argument("--view-zoom", type=float, default=0.0, metavar="FRACTION",
                    help="LD: zoom the second view's crop by a factor in 1 +- FRACTION (our extension; default 0: off)")
+    p.add_argument("--pd-negatives", choices=("batch", "image"), default="batch",
+                   help="LD: patch-discrimination negatives from the whole batch (default, as the paper) or from the "
+                        "same image only, so that the same anatomy in another subject is never pushed away (our option)")
     awcl = p.add_argument_group("AWCL (2D) and Alice (3D)")
     awcl.add_argument("--steps", type=int, default=1000, help="AWCL or Alice training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
@@ -181,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         spacing_mm=args.spacing, grid=args.grid, num_clusters=args.clusters, lr=args.lr, lr_halve_every=args.lr_halve_every,
         paired_contrasts=not args.no_paired_contrasts, canonical_orientation=args.canonical_orientation,
         view_warp_vox=args.view_warp, view_shift=args.view_shift,
-        view_turn_deg=args.view_turn, view_zoom=args.view_zoom, cross_subject_neighbours=args.cross_subject,
+        view_turn_deg=args.view_turn, view_zoom=args.view_zoom, pd_negatives=args.pd_negatives,
+        cross_subject_neighbours=args.cross_subject,
         bias_field_std=args.bias_field, seed=args.seed, device=args.device,
     )
     sinks: dict = {}
@@ -195,9 +199,11 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.no_cafa or args.no_generative or args.views != "same" or args.matcher) and args.method != "alice":
         raise InputError("--views, --matcher, --no-cafa and --no-generative are Alice options; use them with --method alice")
-    ld_only = (args.cross_subject, args.bias_field, args.view_warp, args.view_shift, args.view_turn, args.view_zoom)
+    ld_only = (args.cross_subject, args.bias_field, args.view_warp, args.view_shift, args.view_turn, args.view_zoom,
+               args.pd_negatives != "batch")
     if any(ld_only) and args.method != "ld":
-        raise InputError("--cross-subject, --bias-field and the --view-* options are LD options; use them with --method ld")
+        raise InputError("--cross-subject, --bias-field, --pd-negatives and the --view-* options are LD options; "
+                         "use them with --method ld")
     if not (0.0 <= args.view_shift < 0.5 and 0.0 <= args.view_turn <= 45.0 and 0.0 <= args.view_zoom < 0.5):
         raise InputError(f"--view-shift and --view-zoom are fractions in [0, 0.5) and --view-turn is at most 45 degrees; "
                          f"got {args.view_shift}, {args.view_zoom} and {args.view_turn}")

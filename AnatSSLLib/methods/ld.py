@@ -665,7 +665,7 @@ def gaussian_smooth_embedding(embedding: Tensor, sigma: float | Sequence[float],
 
 
 def patch_discrimination_loss(
-    f: Tensor, pair_index: Tensor, tau: float = 0.1, detach_keys: bool = True
+    f: Tensor, pair_index: Tensor, tau: float = 0.1, detach_keys: bool = True, groups: Tensor | None = None
 ) -> Tensor:
     """Invariant-and-spreading instance criterion (Ye et al., CVPR 2019), LD's L_PD (METHODS.md 2.2).
 
@@ -683,6 +683,10 @@ def patch_discrimination_loss(
         tau: temperature (paper 0.1).
         detach_keys: stop gradients through the "key" side ``f_k`` as the reference does
             (``x.t().data``); the value is the same either way.
+        groups: ``n`` ints or None. When given, row i is only compared with the rows of its own
+            group (the sums over k and l run over ``groups[k] == groups[i]``): with one group per
+            image, patches of *other* images are no longer negatives (our option, not the paper's;
+            see :class:`LDLoss` ``negatives``). ``pair(i)`` must be in i's group.
 
     Returns:
         scalar tensor.
@@ -699,12 +703,17 @@ def patch_discrimination_loss(
         raise InputError("patch_discrimination_loss: pair_index must be in [0, n) and differ from the row index")
     keys = f.detach() if detach_keys else f
     logits = (f @ keys.t()) / tau
-    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=f.device), float("-inf"))
+    excluded = torch.eye(n, dtype=torch.bool, device=f.device)
+    if groups is not None:
+        groups = groups.to(f.device)
+        if groups.shape != (n,) or bool((groups[pair_index] != groups).any()):
+            raise InputError("patch_discrimination_loss: groups must be n labels with every pair inside one group")
+        excluded = excluded | (groups.unsqueeze(0) != groups.unsqueeze(1))
+    logits = logits.masked_fill(excluded, float("-inf"))
     log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     pos = log_p[idx, pair_index]
     p = log_p.exp().clamp(max=1.0 - 1e-7)
-    neg_mask = torch.ones((n, n), dtype=torch.bool, device=f.device)
-    neg_mask[idx, idx] = False
+    neg_mask = ~excluded
     neg_mask[idx, pair_index] = False
     neg = torch.where(neg_mask, torch.log1p(-p), torch.zeros_like(p)).sum(dim=1)
     return -(pos + neg).mean()
@@ -856,9 +865,12 @@ class LDLoss(nn.Module):
         pooling: ``"centre"`` (Gaussian W_c, paper; default) or ``"average"`` (released code).
         sigma: W_c std in voxels; None = patch size / 4 (not given by the released code).
         detach_keys: see :func:`patch_discrimination_loss`.
+        negatives: ``"batch"`` (the paper: every other patch of the batch is a negative) or
+            ``"image"`` (our option: only the other patches of the same image, so that the same
+            anatomy in another subject of the batch is never pushed away).
 
     Raises:
-        InputError: unknown stage or pooling, grid < 1.
+        InputError: unknown stage, pooling or negatives, grid < 1.
     """
 
     def __init__(
@@ -876,9 +888,13 @@ class LDLoss(nn.Module):
         pooling: Pooling | str = Pooling.CENTRE,
         sigma: float | Sequence[float] | None = None,
         detach_keys: bool = True,
+        negatives: str = "batch",
     ) -> None:
         super().__init__()
         self.stage = _enum(Stage, stage, "LDLoss stage")
+        if negatives not in ("batch", "image"):
+            raise InputError(f"LDLoss negatives: expected 'batch' or 'image', got {negatives!r}")
+        self.negatives = negatives
         self.pooling = _enum(Pooling, pooling, "LDLoss pooling")
         if int(grid) < 1:
             raise InputError(f"LDLoss grid: expected a positive integer, got {grid!r}")
@@ -921,9 +937,11 @@ class LDLoss(nn.Module):
         e2 = undo_flip_rot90(embedding[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
         if views.warp is not None:
             e2 = unwarp_features(e2, views.warp.to(embedding.device, embedding.dtype))
+        image_of_cell = torch.arange(2 * b, device=embedding.device).unsqueeze(1)  # which image a cell is in
         if views.pair_map is None:
             p = self.patches(torch.cat([embedding[: 2 * b], e2, embedding[4 * b :]]))  # 5B, G^d, D
             v1, v2 = p[: 2 * b], p[2 * b : 4 * b]
+            image_of_cell = image_of_cell.expand(-1, p.shape[1]).reshape(-1)
         else:  # view 2 is another crop: pair the cells of the two crops' overlap
             if self.pooling is Pooling.AVERAGE:
                 raise InputError("LDLoss: views from another crop need centre-weighted pooling (pooling='centre')")
@@ -931,10 +949,12 @@ class LDLoss(nn.Module):
             p = self.patches(torch.cat([embedding[: 2 * b], embedding[4 * b :]]))  # mixup: view 1's frame
             p = torch.cat([p[: 2 * b], v2, p[2 * b :]])
             v1, v2 = v1[valid].unsqueeze(0), v2[valid].unsqueeze(0)
+            image_of_cell = image_of_cell.expand(-1, p.shape[1])[valid]
         g = p.shape[1]
         f = torch.cat([v1, v2]).reshape(-1, p.shape[2])
+        groups = torch.cat([image_of_cell, image_of_cell]) if self.negatives == "image" else None
         terms: dict[str, Tensor] = {}
-        terms["pd"] = patch_discrimination_loss(f, _half_pairs(f.shape[0], f.device), self.tau, self.detach_keys)
+        terms["pd"] = patch_discrimination_loss(f, _half_pairs(f.shape[0], f.device), self.tau, self.detach_keys, groups)
         lam = views.lam.to(p.device, p.dtype).repeat_interleave(g)
         terms["mix"] = mixup_loss(
             p[4 * b :].reshape(-1, p.shape[2]), p[:b].reshape(-1, p.shape[2]), p[b : 2 * b].reshape(-1, p.shape[2]),
@@ -1019,6 +1039,7 @@ class LDTask:
         manifest: extra manifest fields (``spacing``, ``intensity``, ``data_fingerprint``, ...).
         init_state: weights to start from (stage "ld" starts from the trained stage "pd" network,
             whose cluster head never received a gradient, so it starts fresh).
+        negatives: patch-discrimination negatives, ``"batch"`` (paper) or ``"image"``; see :class:`LDLoss`.
     """
 
     method = "ld"
@@ -1045,6 +1066,7 @@ class LDTask:
         manifest: Mapping[str, Any] | None = None,
         paired_contrasts: bool = False,
         init_state: Mapping[str, Tensor] | None = None,
+        negatives: str = "batch",
     ) -> None:
         if spatial_dims not in (2, 3):
             raise InputError(f"LDTask spatial_dims: expected 2 or 3, got {spatial_dims!r}")
@@ -1061,7 +1083,7 @@ class LDTask:
             self.model_params["features"] = [int(f) for f in features]
         self.loss_fn = LDLoss(
             stage=self.stage, grid=grid, tau=tau, tau_r=tau_r, w_rd=w_rd, w_ent=w_ent,
-            w_area=w_area, w_pix=w_pix, pooling=pooling, sigma=sigma,
+            w_area=w_area, w_pix=w_pix, pooling=pooling, sigma=sigma, negatives=negatives,
         )
         self.sampler = sampler
         self.augment = dict(augment or {})
