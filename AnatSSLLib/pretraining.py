@@ -47,7 +47,9 @@ class LDPretrainSettings:
     per axis, turned by up to that many degrees, zoomed by up to that fraction) and pair the patches
     at the same anatomy (our extension against a positional shortcut, same function).
     ``pd_negatives="image"`` keeps patch discrimination inside each image, so that the same
-    anatomy in another subject of the batch is never a negative (our option; the paper's is "batch"). ``cross_subject_neighbours`` > 0
+    anatomy in another subject of the batch is never a negative (our option; the paper's is "batch").
+    ``view_blur`` and ``view_noise`` > 0 blur each view and add noise, each by its own random amount
+    (our extension, same function). ``cross_subject_neighbours`` > 0
     registers that many other training subjects onto each one (affine) and pairs crops across
     them, so the same anatomy in two heads becomes a positive pair (our extension, see
     :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
@@ -73,6 +75,8 @@ class LDPretrainSettings:
     view_turn_deg: float = 0.0
     view_zoom: float = 0.0
     pd_negatives: str = "batch"
+    view_blur: float = 0.0
+    view_noise: float = 0.0
     cross_subject_neighbours: int = 0
     bias_field_std: float = 0.0
     seed: int = 0
@@ -96,6 +100,10 @@ def _augment(settings: LDPretrainSettings) -> dict[str, Any]:
         augment.update(view_turn_deg=float(settings.view_turn_deg))
     if settings.view_zoom > 0:
         augment.update(view_zoom=float(settings.view_zoom))
+    if settings.view_blur > 0:
+        augment.update(view_blur=float(settings.view_blur))
+    if settings.view_noise > 0:
+        augment.update(view_noise=float(settings.view_noise))
     return augment
 
 
@@ -155,6 +163,8 @@ def pretrain_ld(
             + (f", view 2 another crop (shift {settings.view_shift:g}, turn {settings.view_turn_deg:g} deg, "
                f"zoom {settings.view_zoom:g})" if settings.view_shift or settings.view_turn_deg or settings.view_zoom else "")
             + (", negatives from the same image only" if settings.pd_negatives == "image" else "")
+            + (f", per-view blur up to {settings.view_blur:g} voxels" if settings.view_blur else "")
+            + (f", per-view noise up to {settings.view_noise:g}" if settings.view_noise else "")
         ),
     }
     common = dict(

@@ -427,3 +427,18 @@ def test_ld_loss_with_image_negatives(extra):
     assert image["mix"] == batch["mix"]
     with pytest.raises(InputError):
         LDLoss("pd", negatives="subject")
+
+
+def test_view_blur_and_noise():
+    x = torch.zeros(2, 1, 16, 16, 16)
+    x[:, :, 8] = 1.0  # a sheet: blur spreads it only along axis 0
+    from AnatSSLLib.methods.ld import _blur_each
+
+    y = _blur_each(x, torch.tensor([[1.5, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(y[0].sum(), x[0].sum(), rtol=1e-4) and float(y[0, 0, 7, 3, 3]) > 0.1
+    assert torch.equal(y[1], x[1])
+    img = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = make_ld_batch(img, torch.Generator().manual_seed(1), flip_rot90=False)
+    noisy = make_ld_batch(img, torch.Generator().manual_seed(1), flip_rot90=False, view_blur=1.0, view_noise=0.1)
+    assert noisy.images.shape == plain.images.shape and not torch.allclose(noisy.images, plain.images)
+    assert float(noisy.images.min()) >= float(img.min()) - 1e-4 and float(noisy.images.max()) <= float(img.max()) + 1e-4

@@ -269,6 +269,29 @@ def _view_grids(
     return theta
 
 
+def _blur_each(x: Tensor, sigmas: Tensor) -> Tensor:
+    """Each image of ``x`` (``N, C, *S``) blurred by its own separable Gaussian, ``sigmas`` ``N, d``
+    in voxels (below 0.1: that axis untouched); edges replicated."""
+    d = x.ndim - 2
+    conv = F.conv2d if d == 2 else F.conv3d
+    out = []
+    for i in range(x.shape[0]):
+        y = x[i : i + 1]
+        for a in range(d):
+            sg = float(sigmas[i, a])
+            if sg < 0.1:
+                continue
+            r = max(1, int(math.ceil(3.0 * sg)))
+            k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sg) ** 2)
+            k = (k / k.sum()).view((1, 1) + tuple(2 * r + 1 if b == a else 1 for b in range(d)))
+            pad = [0, 0] * d
+            pad[2 * (d - 1 - a)] = pad[2 * (d - 1 - a) + 1] = r  # F.pad lists the last axis first
+            c = y.shape[1]
+            y = conv(F.pad(y, pad, mode="replicate"), k.expand((c, 1) + k.shape[2:]), groups=c)
+        out.append(y)
+    return torch.cat(out)
+
+
 def make_ld_batch(
     images: Tensor,
     generator: torch.Generator | None = None,
@@ -288,6 +311,8 @@ def make_ld_batch(
     view_shift: float = 0.0,
     view_turn_deg: float = 0.0,
     view_zoom: float = 0.0,
+    view_blur: float = 0.0,
+    view_noise: float = 0.0,
 ) -> LDViews:
     """LD's views of ``images`` (``2B, C, *S``: the first B are the A images, the last B the B
     images), METHODS.md 2.2.
@@ -323,6 +348,12 @@ def make_ld_batch(
     two random voxels (cosine -0.05; random weights 0.99). A shift alone did not change that;
     shift, turn, zoom and warp together raised it to 0.66, though not yet the consistency across
     subjects that the tools need.
+
+    ``view_blur > 0``, ``view_noise > 0`` (our extension, off by default; not in the paper): each
+    view is blurred by a Gaussian of standard deviation drawn in ``[0, view_blur]`` voxels per axis
+    and gets additive Gaussian noise of standard deviation drawn in ``[0, view_noise]`` (of the
+    image's range), independently per view: images of one anatomy at other resolutions and noise
+    levels (subjects scanned at other voxel sizes) then count as the same patch.
 
     Each view is one ``grid_sample`` (bilinear) of the original image with the composed affine
     map; outside the image is filled with the image's minimum. Random numbers come from
@@ -406,6 +437,11 @@ def make_ld_batch(
         mean = u.mean(dim=tuple(range(1, d + 2)), keepdim=True)
         u = ((u - mean) * c + mean).clamp(0.0, 1.0)
         u = (u * br).clamp(0.0, 1.0)
+        if view_blur > 0:
+            u = _blur_each(u, _uniform(gen, n, 0.0, float(view_blur), d))
+        if view_noise > 0:
+            std = _uniform(gen, n, 0.0, float(view_noise)).to(images.dtype).view(bshape)
+            u = (u + std * torch.randn(u.shape, generator=gen).to(u.device, u.dtype)).clamp(0.0, 1.0)
         views.append(lo.view(bshape) + u * span.view(bshape))
     v1, v2 = views
 
