@@ -32,30 +32,40 @@ def volume_key(image: Image) -> str:
     return h.hexdigest()
 
 
+def _smoothing_matrix(size: int, sigma: float, dtype, device):
+    """``(size, size)`` matrix ``M`` with ``M @ line`` = the line convolved by a normalised Gaussian
+    (cut at 3 sigma), edges replicated: the padded taps are folded onto the end samples."""
+    import torch
+
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    matrix = np.zeros((size, size))
+    rows = np.arange(size)
+    for offset, weight in zip(range(-radius, radius + 1), taps):
+        np.add.at(matrix, (rows, np.clip(rows + offset, 0, size - 1)), weight)
+    return torch.as_tensor(matrix, dtype=dtype, device=device)
+
+
 def gaussian_smooth(features, sigma_vox: tuple[float, ...]):
     """Centre-weighted average of a feature map, then per-voxel L2 normalisation.
 
     ``features`` is ``(D, *S)``; a normalised Gaussian kernel of standard deviation
-    ``sigma_vox`` (voxels, one per spatial axis, in ``[k, j, i]`` order) is applied to every
-    channel separately (LD's W_c), borders handled by replicate padding. Returns ``(D, *S)``.
+    ``sigma_vox`` (voxels, one per spatial axis, in ``[k, j, i]`` order, cut at 3 sigma) is applied
+    to every channel separately (LD's W_c), borders handled by replicate padding. Returns
+    ``(D, *S)``.
     """
-    import torch
     import torch.nn.functional as F
 
     x = features
     for axis, sigma in enumerate(sigma_vox):
         if sigma <= 0:
             continue
-        radius = max(1, int(np.ceil(3.0 * sigma)))
-        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-        kernel = (kernel / kernel.sum()).reshape(1, 1, -1)
-        # One 1D convolution along ``axis`` over every line of the volume: memory stays that of the
+        # One matrix product per axis with the (size x size) banded filter matrix: BLAS runs it
+        # several times faster than a 1D convolution over every line, and memory stays that of the
         # volume (a depthwise 3D convolution with a long kernel can ask for many gigabytes).
-        moved = x.movedim(axis + 1, -1)
-        lines = moved.reshape(-1, 1, moved.shape[-1])
-        lines = F.pad(lines, (radius, radius), mode="replicate")
-        x = F.conv1d(lines, kernel).reshape(moved.shape).movedim(-1, axis + 1)
+        matrix = _smoothing_matrix(x.shape[axis + 1], float(sigma), x.dtype, x.device)
+        x = (x.movedim(axis + 1, -1) @ matrix.T).movedim(-1, axis + 1)
     return F.normalize(x, dim=0)
 
 
