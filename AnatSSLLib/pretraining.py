@@ -92,18 +92,11 @@ def _augment(settings: LDPretrainSettings) -> dict[str, Any]:
     augment: dict[str, Any] = {}
     if settings.canonical_orientation:
         augment.update(rotate_deg=(15.0, 15.0, 15.0), shared_flip=False)
-    if settings.view_warp_vox > 0:
-        augment.update(view_warp_vox=float(settings.view_warp_vox))
-    if settings.view_shift > 0:
-        augment.update(view_shift=float(settings.view_shift))
-    if settings.view_turn_deg > 0:
-        augment.update(view_turn_deg=float(settings.view_turn_deg))
-    if settings.view_zoom > 0:
-        augment.update(view_zoom=float(settings.view_zoom))
-    if settings.view_blur > 0:
-        augment.update(view_blur=float(settings.view_blur))
-    if settings.view_noise > 0:
-        augment.update(view_noise=float(settings.view_noise))
+    # our view extensions, passed on (by make_ld_batch's names) only when switched on
+    for name in ("view_warp_vox", "view_shift", "view_turn_deg", "view_zoom", "view_blur", "view_noise"):
+        value = float(getattr(settings, name))
+        if value > 0:
+            augment[name] = value
     return augment
 
 
