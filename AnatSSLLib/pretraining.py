@@ -49,7 +49,9 @@ class LDPretrainSettings:
     ``pd_negatives="image"`` keeps patch discrimination inside each image, so that the same
     anatomy in another subject of the batch is never a negative (our option; the paper's is "batch").
     ``view_blur`` and ``view_noise`` > 0 blur each view and add noise, each by its own random amount
-    (our extension, same function). ``cross_subject_neighbours`` > 0
+    (our extension, same function). ``region_consistency`` > 0 weighs a cross-view agreement of
+    the cluster assignments in the LD stage (our option,
+    :func:`~AnatSSLLib.methods.ld.assignment_consistency_loss`; needs views from another crop). ``cross_subject_neighbours`` > 0
     registers that many other training subjects onto each one (affine) and pairs crops across
     them, so the same anatomy in two heads becomes a positive pair (our extension, see
     :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
@@ -77,6 +79,7 @@ class LDPretrainSettings:
     pd_negatives: str = "batch"
     view_blur: float = 0.0
     view_noise: float = 0.0
+    region_consistency: float = 0.0
     cross_subject_neighbours: int = 0
     bias_field_std: float = 0.0
     seed: int = 0
@@ -158,12 +161,14 @@ def pretrain_ld(
             + (", negatives from the same image only" if settings.pd_negatives == "image" else "")
             + (f", per-view blur up to {settings.view_blur:g} voxels" if settings.view_blur else "")
             + (f", per-view noise up to {settings.view_noise:g}" if settings.view_noise else "")
+            + (f", cross-view cluster consistency (weight {settings.region_consistency:g})" if settings.region_consistency else "")
         ),
     }
     common = dict(
         spatial_dims=3, grid=settings.grid, num_clusters=settings.num_clusters, embedding_dim=settings.embedding_dim,
         features=settings.features, sampler=data.torch_sampler(channels), paired_contrasts=paired, manifest=manifest,
         augment=_augment(settings), negatives=settings.pd_negatives,
+        w_cons=settings.region_consistency,
     )
 
     def config(steps: int, folder: str) -> TrainingConfig:

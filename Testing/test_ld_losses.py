@@ -442,3 +442,28 @@ def test_view_blur_and_noise():
     noisy = make_ld_batch(img, torch.Generator().manual_seed(1), flip_rot90=False, view_blur=1.0, view_noise=0.1)
     assert noisy.images.shape == plain.images.shape and not torch.allclose(noisy.images, plain.images)
     assert float(noisy.images.min()) >= float(img.min()) - 1e-4 and float(noisy.images.max()) <= float(img.max()) + 1e-4
+
+
+def test_assignment_consistency_known_answers():
+    from AnatSSLLib.methods.ld import assignment_consistency_loss
+
+    one_hot = torch.eye(4)[[0, 2, 1]]
+    assert assignment_consistency_loss(one_hot, one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((3, 4), 0.25)
+    assert assignment_consistency_loss(uniform, uniform).item() == pytest.approx(math.log(4), rel=1e-5)
+    assert assignment_consistency_loss(one_hot, torch.eye(4)[[1, 2, 1]]).item() > 5  # one cell disagrees
+    with pytest.raises(InputError):
+        assignment_consistency_loss(one_hot, uniform[:2])
+
+
+def test_ld_loss_consistency_term_on_other_crop_views():
+    g = torch.Generator().manual_seed(0)
+    v = make_ld_batch(torch.rand(4, 1, 16, 16, 16, generator=g), g, view_shift=0.2, view_warp_vox=1.0)
+    e = torch.nn.functional.normalize(torch.randn(10, 8, 16, 16, 16, generator=g), dim=1)
+    a = torch.softmax(torch.randn(10, 4, 16, 16, 16, generator=g), dim=1)
+    total, terms = LDLoss("ld", grid=4, w_cons=2.0)(e, a, v)
+    assert "cons" in terms and torch.isfinite(terms["cons"])
+    want = terms["pd"] + terms["mix"] + 10 * terms["rd"] + 0.1 * terms["ent"] + 2.0 * terms["cons"]
+    assert total.item() == pytest.approx(want.item(), rel=1e-5)
+    _, plain = LDLoss("ld", grid=4)(e, a, v)
+    assert "cons" not in plain  # off by default, as the paper

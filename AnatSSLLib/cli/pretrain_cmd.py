@@ -75,6 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--view-noise", type=float, default=0.0, metavar="STD",
                    help="LD: add Gaussian noise of up to this standard deviation (fraction of the intensity range) to "
                         "each view (our extension; default 0: off)")
+    p.add_argument("--region-consistency", type=float, default=0.0, metavar="WEIGHT",
+                   help="LD stage: weight of a term asking the same place to fall in the same cluster in both views "
+                        "(our option; needs --view-shift/--view-turn/--view-zoom; default 0: off, as the paper)")
     awcl = p.add_argument_group("AWCL (2D) and Alice (3D)")
     awcl.add_argument("--steps", type=int, default=1000, help="AWCL or Alice training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
@@ -190,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         paired_contrasts=not args.no_paired_contrasts, canonical_orientation=args.canonical_orientation,
         view_warp_vox=args.view_warp, view_shift=args.view_shift,
         view_turn_deg=args.view_turn, view_zoom=args.view_zoom, pd_negatives=args.pd_negatives,
-        view_blur=args.view_blur, view_noise=args.view_noise,
+        view_blur=args.view_blur, view_noise=args.view_noise, region_consistency=args.region_consistency,
         cross_subject_neighbours=args.cross_subject,
         bias_field_std=args.bias_field, seed=args.seed, device=args.device,
     )
@@ -206,13 +209,15 @@ def run(args: argparse.Namespace) -> int:
     if (args.no_cafa or args.no_generative or args.views != "same" or args.matcher) and args.method != "alice":
         raise InputError("--views, --matcher, --no-cafa and --no-generative are Alice options; use them with --method alice")
     ld_only = (args.cross_subject, args.bias_field, args.view_warp, args.view_shift, args.view_turn, args.view_zoom,
-               args.pd_negatives != "batch", args.view_blur, args.view_noise)
+               args.pd_negatives != "batch", args.view_blur, args.view_noise, args.region_consistency)
     if any(ld_only) and args.method != "ld":
         raise InputError("--cross-subject, --bias-field, --pd-negatives and the --view-* options are LD options; "
                          "use them with --method ld")
     if not (0.0 <= args.view_shift < 0.5 and 0.0 <= args.view_turn <= 45.0 and 0.0 <= args.view_zoom < 0.5):
         raise InputError(f"--view-shift and --view-zoom are fractions in [0, 0.5) and --view-turn is at most 45 degrees; "
                          f"got {args.view_shift}, {args.view_zoom} and {args.view_turn}")
+    if args.region_consistency and not (args.view_shift or args.view_turn or args.view_zoom):
+        raise InputError("--region-consistency compares two different crops: add --view-shift, --view-turn or --view-zoom")
     if not (0.0 <= args.view_blur <= 4.0 and 0.0 <= args.view_noise <= 0.5):
         raise InputError(f"--view-blur must be in [0, 4] voxels and --view-noise in [0, 0.5]; got {args.view_blur} and {args.view_noise}")
     token = CancelToken(args.cancel_file)

@@ -67,6 +67,7 @@ __all__ = [
     "unwarp_features",
     "average_patches",
     "overlap_patch_pairs",
+    "assignment_consistency_loss",
     "centre_weighted_patches",
     "gaussian_pool_at",
     "gaussian_smooth_embedding",
@@ -466,12 +467,13 @@ def make_ld_batch(
     return LDViews(images=out, lam=lam, flips=flips, rot90_k=k.long(), warp=warp, pair_map=pair_map)
 
 
-def unwarp_features(features: Tensor, warp: Tensor, iterations: int = 3) -> Tensor:
+def unwarp_features(features: Tensor, warp: Tensor, iterations: int = 3, unit: bool = True) -> Tensor:
     """Features ``N, D, *S`` of images sampled at ``x + warp(x)``, brought back to ``x``.
 
     ``warp`` is ``N, *S, d`` in grid_sample's normalised x-y-z units. The inverse displacement
     solves ``q + warp(q) = x`` by a few fixed-point steps (``q <- x - warp(q)``), which converge for
-    the smooth, few-voxel fields of :func:`make_ld_batch`. Unit norm per voxel kept.
+    the smooth, few-voxel fields of :func:`make_ld_batch`. Unit norm per voxel kept (``unit``;
+    off for maps that are not embeddings, e.g. cluster assignments).
     """
     n, d = features.shape[0], features.ndim - 2
     eye = torch.eye(d, d + 1, dtype=features.dtype, device=features.device).expand(n, d, d + 1)
@@ -482,7 +484,7 @@ def unwarp_features(features: Tensor, warp: Tensor, iterations: int = 3) -> Tens
         at_q = F.grid_sample(field, q, mode="bilinear", padding_mode="border", align_corners=False).movedim(1, -1)
         q = identity - at_q
     out = F.grid_sample(features, q, mode="bilinear", padding_mode="border", align_corners=False)
-    return l2_normalize(out, dim=1)
+    return l2_normalize(out, dim=1) if unit else out
 
 
 # ----------------------------------------------------------------------------------- patch pooling
@@ -607,7 +609,8 @@ def average_patches(embedding: Tensor, grid: int) -> Tensor:
 
 
 def overlap_patch_pairs(
-    e1: Tensor, e2: Tensor, pair_map: Tensor, grid: int, sigma: float | Sequence[float] | None = None, margin: float = 1.0
+    e1: Tensor, e2: Tensor, pair_map: Tensor, grid: int, sigma: float | Sequence[float] | None = None, margin: float = 1.0,
+    unit: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Centre-weighted patch vectors of two views at the same anatomy (view 2 another crop of view 1).
 
@@ -618,7 +621,9 @@ def overlap_patch_pairs(
     ``e2`` (:func:`gaussian_pool_at`'s weights, for whole batches of small crops at once). A pair is
     *valid* when the mapped centre lies at least ``margin`` voxels inside view 2 (with a turn or a
     zoom some corners of the box fall outside). ``sigma`` defaults to the unshifted patch size / 4,
-    as in :func:`centre_weighted_patches`, to which this reduces for the identity map.
+    as in :func:`centre_weighted_patches`, to which this reduces for the identity map. With
+    ``unit=False`` the weighted averages are returned as they are (for cluster assignments, whose
+    averages stay distributions over the K clusters).
 
     Args:
         e1, e2: ``B, D, *S``. pair_map: ``B, d, d+1`` (axis order).
@@ -658,7 +663,7 @@ def overlap_patch_pairs(
             out = torch.einsum("bcxyz,bnz->bncxy", e, w[2])
             out = torch.einsum("bncxy,bny->bncx", out, w[1])
             out = torch.einsum("bncx,bnx->bnc", out, w[0])
-        return l2_normalize(out, dim=2)
+        return l2_normalize(out, dim=2) if unit else out
 
     return pool(e1, centres), pool(e2, mapped), valid
 
@@ -882,6 +887,24 @@ def pixel_region_loss(embedding: Tensor, assignment: Tensor, r: Tensor, tau_r: f
 # --------------------------------------------------------------------------------- combined loss
 
 
+def assignment_consistency_loss(q1: Tensor, q2: Tensor) -> Tensor:
+    """Symmetric cross-entropy of the cluster assignments of the same anatomy in two views (ours).
+
+    ``L_cons = -1/(2n) sum_i sum_k [ q1_ik log q2_ik + q2_ik log q1_ik ]`` over ``n`` paired cells,
+    ``q`` the W_c-averaged assignments (distributions over K). Not in the paper: its region terms
+    are computed on each crop in its own frame, which clusters by position in the crop also satisfy;
+    this term asks a place to fall in the same cluster wherever it lies in the crop. It is minimal
+    (0) when both are the same one-hot vector.
+
+    Args:
+        q1, q2: ``n, K``, rows summing to 1.
+    """
+    if q1.shape != q2.shape or q1.ndim != 2:
+        raise InputError(f"assignment_consistency_loss: expected two n,K tensors, got {tuple(q1.shape)} and {tuple(q2.shape)}")
+    lq1, lq2 = q1.clamp_min(_EPS).log(), q2.clamp_min(_EPS).log()
+    return -0.5 * ((q1 * lq2).sum(1) + (q2 * lq1).sum(1)).mean()
+
+
 class LDLoss(nn.Module):
     """LD's training loss on one batch of views (METHODS.md 2.2-2.3).
 
@@ -904,6 +927,8 @@ class LDLoss(nn.Module):
         negatives: ``"batch"`` (the paper: every other patch of the batch is a negative) or
             ``"image"`` (our option: only the other patches of the same image, so that the same
             anatomy in another subject of the batch is never pushed away).
+        w_cons: weight of :func:`assignment_consistency_loss` in stage "ld" for views from another
+            crop (our option; default 0, as the paper).
 
     Raises:
         InputError: unknown stage, pooling or negatives, grid < 1.
@@ -925,6 +950,7 @@ class LDLoss(nn.Module):
         sigma: float | Sequence[float] | None = None,
         detach_keys: bool = True,
         negatives: str = "batch",
+        w_cons: float = 0.0,
     ) -> None:
         super().__init__()
         self.stage = _enum(Stage, stage, "LDLoss stage")
@@ -935,7 +961,7 @@ class LDLoss(nn.Module):
         if int(grid) < 1:
             raise InputError(f"LDLoss grid: expected a positive integer, got {grid!r}")
         self.grid, self.tau, self.tau_r, self.sigma = int(grid), float(tau), float(tau_r), sigma
-        self.w = {"pd": w_pd, "mix": w_mix, "rd": w_rd, "ent": w_ent, "area": w_area, "pix": w_pix}
+        self.w = {"pd": w_pd, "mix": w_mix, "rd": w_rd, "ent": w_ent, "area": w_area, "pix": w_pix, "cons": w_cons}
         self.detach_keys = bool(detach_keys)
 
     def patches(self, embedding: Tensor) -> Tensor:
@@ -1009,6 +1035,13 @@ class LDLoss(nn.Module):
             if self.w["pix"]:
                 terms["pix"] = pixel_region_loss(e4, a4, r, self.tau_r)
                 total = total + self.w["pix"] * terms["pix"]
+            if self.w["cons"] and views.pair_map is not None:
+                a2 = undo_flip_rot90(assignment[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
+                if views.warp is not None:
+                    a2 = unwarp_features(a2, views.warp.to(a2.device, a2.dtype), unit=False)
+                q1, q2, valid = overlap_patch_pairs(assignment[: 2 * b], a2, views.pair_map, self.grid, self.sigma, unit=False)
+                terms["cons"] = assignment_consistency_loss(q1[valid], q2[valid])
+                total = total + self.w["cons"] * terms["cons"]
         return total, terms
 
 
@@ -1076,6 +1109,7 @@ class LDTask:
         init_state: weights to start from (stage "ld" starts from the trained stage "pd" network,
             whose cluster head never received a gradient, so it starts fresh).
         negatives: patch-discrimination negatives, ``"batch"`` (paper) or ``"image"``; see :class:`LDLoss`.
+        w_cons: weight of the cross-view assignment consistency (ours; 0 = off); see :class:`LDLoss`.
     """
 
     method = "ld"
@@ -1103,6 +1137,7 @@ class LDTask:
         paired_contrasts: bool = False,
         init_state: Mapping[str, Tensor] | None = None,
         negatives: str = "batch",
+        w_cons: float = 0.0,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise InputError(f"LDTask spatial_dims: expected 2 or 3, got {spatial_dims!r}")
@@ -1120,6 +1155,7 @@ class LDTask:
         self.loss_fn = LDLoss(
             stage=self.stage, grid=grid, tau=tau, tau_r=tau_r, w_rd=w_rd, w_ent=w_ent,
             w_area=w_area, w_pix=w_pix, pooling=pooling, sigma=sigma, negatives=negatives,
+            w_cons=w_cons,
         )
         self.sampler = sampler
         self.augment = dict(augment or {})
