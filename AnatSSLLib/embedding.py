@@ -19,7 +19,7 @@ import numpy as np
 from .encoders import LoadedEncoder, prepare_volume
 from .image import Image
 
-__all__ = ["EmbeddedVolume", "EmbeddingStore", "gaussian_smooth", "volume_key"]
+__all__ = ["EmbeddedVolume", "EmbeddingStore", "gaussian_filter", "gaussian_smooth", "volume_key"]
 
 
 def volume_key(image: Image) -> str:
@@ -47,16 +47,10 @@ def _smoothing_matrix(size: int, sigma: float, dtype, device):
     return torch.as_tensor(matrix, dtype=dtype, device=device)
 
 
-def gaussian_smooth(features, sigma_vox: tuple[float, ...]):
-    """Centre-weighted average of a feature map, then per-voxel L2 normalisation.
-
-    ``features`` is ``(D, *S)``; a normalised Gaussian kernel of standard deviation
-    ``sigma_vox`` (voxels, one per spatial axis, in ``[k, j, i]`` order, cut at 3 sigma) is applied
-    to every channel separately (LD's W_c), borders handled by replicate padding. Returns
-    ``(D, *S)``.
-    """
-    import torch.nn.functional as F
-
+def gaussian_filter(features, sigma_vox: tuple[float, ...]):
+    """Each channel of ``features`` (``(C, *S)``) filtered by a normalised Gaussian of standard
+    deviation ``sigma_vox`` (voxels, one per spatial axis, in ``[k, j, i]`` order, cut at 3 sigma;
+    axes with sigma <= 0 untouched), borders handled by replicate padding. Returns ``(C, *S)``."""
     x = features
     for axis, sigma in enumerate(sigma_vox):
         if sigma <= 0:
@@ -66,7 +60,18 @@ def gaussian_smooth(features, sigma_vox: tuple[float, ...]):
         # volume (a depthwise 3D convolution with a long kernel can ask for many gigabytes).
         matrix = _smoothing_matrix(x.shape[axis + 1], float(sigma), x.dtype, x.device)
         x = (x.movedim(axis + 1, -1) @ matrix.T).movedim(-1, axis + 1)
-    return F.normalize(x, dim=0)
+    return x
+
+
+def gaussian_smooth(features, sigma_vox: tuple[float, ...]):
+    """Centre-weighted average of a feature map, then per-voxel L2 normalisation.
+
+    ``features`` is ``(D, *S)``; :func:`gaussian_filter` (LD's W_c on every channel), then unit
+    norm along ``D``. Returns ``(D, *S)``.
+    """
+    import torch.nn.functional as F
+
+    return F.normalize(gaussian_filter(features, sigma_vox), dim=0)
 
 
 @dataclasses.dataclass

@@ -271,26 +271,11 @@ def _view_grids(
 
 
 def _blur_each(x: Tensor, sigmas: Tensor) -> Tensor:
-    """Each image of ``x`` (``N, C, *S``) blurred by its own separable Gaussian, ``sigmas`` ``N, d``
-    in voxels (below 0.1: that axis untouched); edges replicated."""
-    d = x.ndim - 2
-    conv = F.conv2d if d == 2 else F.conv3d
-    out = []
-    for i in range(x.shape[0]):
-        y = x[i : i + 1]
-        for a in range(d):
-            sg = float(sigmas[i, a])
-            if sg < 0.1:
-                continue
-            r = max(1, int(math.ceil(3.0 * sg)))
-            k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sg) ** 2)
-            k = (k / k.sum()).view((1, 1) + tuple(2 * r + 1 if b == a else 1 for b in range(d)))
-            pad = [0, 0] * d
-            pad[2 * (d - 1 - a)] = pad[2 * (d - 1 - a) + 1] = r  # F.pad lists the last axis first
-            c = y.shape[1]
-            y = conv(F.pad(y, pad, mode="replicate"), k.expand((c, 1) + k.shape[2:]), groups=c)
-        out.append(y)
-    return torch.cat(out)
+    """Each image of ``x`` (``N, C, *S``) blurred by its own Gaussian, ``sigmas`` ``N, d`` in voxels
+    (:func:`AnatSSLLib.embedding.gaussian_filter`: cut at 3 sigma, edges replicated)."""
+    from ..embedding import gaussian_filter
+
+    return torch.stack([gaussian_filter(x[i], tuple(float(s) for s in sigmas[i])) for i in range(x.shape[0])])
 
 
 def make_ld_batch(
