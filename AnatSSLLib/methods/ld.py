@@ -981,32 +981,27 @@ class LDLoss(nn.Module):
             raise InputError(f"LDLoss: expected 5B = {5 * b} embeddings [A1,B1,A2,B2,M], got shape {tuple(embedding.shape)}")
         # undo view 2's flip/rot90 (and its warp, if any) on the full-resolution features, then
         # pool: the patch cells of both views then cover the same anatomy
-        e2 = undo_flip_rot90(embedding[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
-        if views.warp is not None:
-            e2 = unwarp_features(e2, views.warp.to(embedding.device, embedding.dtype))
+        e2 = _view2_unmoved(embedding[2 * b : 4 * b], views, unit=True)
         image_of_cell = torch.arange(2 * b, device=embedding.device).unsqueeze(1)  # which image a cell is in
         if views.pair_map is None:
             p = self.patches(torch.cat([embedding[: 2 * b], e2, embedding[4 * b :]]))  # 5B, G^d, D
-            v1, v2 = p[: 2 * b], p[2 * b : 4 * b]
+            v1, v2, p_mix = p[: 2 * b], p[2 * b : 4 * b], p[4 * b :]
             image_of_cell = image_of_cell.expand(-1, p.shape[1]).reshape(-1)
         else:  # view 2 is another crop: pair the cells of the two crops' overlap
             if self.pooling is Pooling.AVERAGE:
                 raise InputError("LDLoss: views from another crop need centre-weighted pooling (pooling='centre')")
             v1, v2, valid = overlap_patch_pairs(embedding[: 2 * b], e2, views.pair_map, self.grid, self.sigma)
-            p = self.patches(torch.cat([embedding[: 2 * b], embedding[4 * b :]]))  # mixup: view 1's frame
-            p = torch.cat([p[: 2 * b], v2, p[2 * b :]])
-            v1, v2 = v1[valid].unsqueeze(0), v2[valid].unsqueeze(0)
+            p = self.patches(torch.cat([embedding[: 2 * b], embedding[4 * b :]]))  # grid cells of A1, B1, M
             image_of_cell = image_of_cell.expand(-1, p.shape[1])[valid]
-        g = p.shape[1]
-        f = torch.cat([v1, v2]).reshape(-1, p.shape[2])
+            v1, v2, p_mix = v1[valid], v2[valid], p[2 * b :]
+        g, dim = p.shape[1], p.shape[2]
+        f = torch.cat([v1.reshape(-1, dim), v2.reshape(-1, dim)])
         groups = torch.cat([image_of_cell, image_of_cell]) if self.negatives == "image" else None
         terms: dict[str, Tensor] = {}
         terms["pd"] = patch_discrimination_loss(f, _half_pairs(f.shape[0], f.device), self.tau, self.detach_keys, groups)
         lam = views.lam.to(p.device, p.dtype).repeat_interleave(g)
-        terms["mix"] = mixup_loss(
-            p[4 * b :].reshape(-1, p.shape[2]), p[:b].reshape(-1, p.shape[2]), p[b : 2 * b].reshape(-1, p.shape[2]),
-            lam, self.tau,
-        )
+        # mixup against view 1's own grid cells (the first 2B rows of p in both branches)
+        terms["mix"] = mixup_loss(p_mix.reshape(-1, dim), p[:b].reshape(-1, dim), p[b : 2 * b].reshape(-1, dim), lam, self.tau)
         total = self.w["pd"] * terms["pd"] + self.w["mix"] * terms["mix"]
         if st is Stage.LD:
             if assignment.shape[0] != 5 * b or assignment.shape[2:] != embedding.shape[2:]:
@@ -1021,13 +1016,20 @@ class LDLoss(nn.Module):
                 terms["pix"] = pixel_region_loss(e4, a4, r, self.tau_r)
                 total = total + self.w["pix"] * terms["pix"]
             if self.w["cons"] and views.pair_map is not None:
-                a2 = undo_flip_rot90(assignment[2 * b : 4 * b], views.flips.to(embedding.device), views.rot90_k.to(embedding.device))
-                if views.warp is not None:
-                    a2 = unwarp_features(a2, views.warp.to(a2.device, a2.dtype), unit=False)
+                a2 = _view2_unmoved(assignment[2 * b : 4 * b], views, unit=False)
                 q1, q2, valid = overlap_patch_pairs(assignment[: 2 * b], a2, views.pair_map, self.grid, self.sigma, unit=False)
                 terms["cons"] = assignment_consistency_loss(q1[valid], q2[valid])
                 total = total + self.w["cons"] * terms["cons"]
         return total, terms
+
+
+def _view2_unmoved(maps: Tensor, views: LDViews, unit: bool) -> Tensor:
+    """Maps ``2B, C, *S`` of ``[A2, B2]`` with view 2's flip/rot90 and warp undone (unit norm per
+    voxel kept after the unwarp when ``unit``, e.g. embeddings; not for cluster assignments)."""
+    out = undo_flip_rot90(maps, views.flips.to(maps.device), views.rot90_k.to(maps.device))
+    if views.warp is not None:
+        out = unwarp_features(out, views.warp.to(maps.device, maps.dtype), unit=unit)
+    return out
 
 
 def ld_training_step(
