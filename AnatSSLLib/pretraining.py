@@ -86,6 +86,21 @@ class LDPretrainSettings:
     checkpoint_every: int = 50
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.view_shift < 0.5 and 0.0 <= self.view_turn_deg <= 45.0 and 0.0 <= self.view_zoom < 0.5):
+            raise InputError(
+                "view_shift and view_zoom (--view-shift, --view-zoom) are fractions in [0, 0.5) and view_turn_deg "
+                f"(--view-turn) is at most 45 degrees; got {self.view_shift}, {self.view_zoom} and {self.view_turn_deg}"
+            )
+        if not (0.0 <= self.view_blur <= 4.0 and 0.0 <= self.view_noise <= 0.5):
+            raise InputError(
+                f"view_blur (--view-blur) must be in [0, 4] voxels and view_noise (--view-noise) in [0, 0.5]; "
+                f"got {self.view_blur} and {self.view_noise}"
+            )
+        if self.region_consistency and not (self.view_shift or self.view_turn_deg or self.view_zoom):
+            raise InputError("region_consistency (--region-consistency) compares two different crops: "
+                             "set view_shift, view_turn_deg or view_zoom (--view-shift, --view-turn, --view-zoom)")
+
     def key(self, data_fingerprint: str) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "device": None, "data": data_fingerprint}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from AnatSSLLib.cache import EncoderCache
 from AnatSSLLib.cli import main
@@ -58,3 +59,17 @@ def test_method_options_are_refused_with_another_method(population_small, tmp_pa
     assert "Alice options" in capsys.readouterr().err
     assert main(base + ["--method", "alice", "--cross-subject", "2"]) != 0
     assert "LD options" in capsys.readouterr().err
+
+
+def test_ld_view_settings_out_of_range_are_refused(population_small, tmp_path, capsys):
+    from AnatSSLLib.errors import InputError
+    from AnatSSLLib.pretraining import LDPretrainSettings
+
+    for bad in (dict(view_shift=0.5), dict(view_turn_deg=60.0), dict(view_zoom=-0.1), dict(view_blur=5.0),
+                dict(view_noise=0.6), dict(region_consistency=1.0)):
+        with pytest.raises(InputError):
+            LDPretrainSettings(**bad)
+    LDPretrainSettings(view_shift=0.25, view_turn_deg=15.0, region_consistency=1.0)  # a valid combination
+    base = ["pretrain", "--population", str(population_small.path), "--cache-dir", str(tmp_path / "c")]
+    assert main(base + ["--region-consistency", "5"]) == 2  # the CLI reports the same check, before any training
+    assert "--view-shift" in capsys.readouterr().err

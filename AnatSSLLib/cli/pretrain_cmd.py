@@ -213,13 +213,6 @@ def run(args: argparse.Namespace) -> int:
     if any(ld_only) and args.method != "ld":
         raise InputError("--cross-subject, --bias-field, --pd-negatives and the --view-* options are LD options; "
                          "use them with --method ld")
-    if not (0.0 <= args.view_shift < 0.5 and 0.0 <= args.view_turn <= 45.0 and 0.0 <= args.view_zoom < 0.5):
-        raise InputError(f"--view-shift and --view-zoom are fractions in [0, 0.5) and --view-turn is at most 45 degrees; "
-                         f"got {args.view_shift}, {args.view_zoom} and {args.view_turn}")
-    if args.region_consistency and not (args.view_shift or args.view_turn or args.view_zoom):
-        raise InputError("--region-consistency compares two different crops: add --view-shift, --view-turn or --view-zoom")
-    if not (0.0 <= args.view_blur <= 4.0 and 0.0 <= args.view_noise <= 0.5):
-        raise InputError(f"--view-blur must be in [0, 4] voxels and --view-noise in [0, 0.5]; got {args.view_blur} and {args.view_noise}")
     token = CancelToken(args.cancel_file)
     with token.handle_signals():
         if args.method == "awcl":
