@@ -110,6 +110,8 @@ class EmbeddingStore:
         roi_size: sliding-window size in voxels (multiple of 16); bounds memory.
         overlap: sliding-window overlap fraction.
         max_volumes: how many embedded volumes to keep.
+        sigma_scale: width of the Gaussian that weighs each window's output where windows overlap,
+            as a fraction of the window (MONAI's ``sigma_scale``; 0.125 is its default).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class EmbeddingStore:
         overlap: float = 0.25,
         max_volumes: int = 16,
         sw_batch_size: int = 1,
+        sigma_scale: float = 0.125,
     ) -> None:
         self.encoder = encoder
         nd = encoder.spatial_dims
@@ -127,6 +130,7 @@ class EmbeddingStore:
         self.overlap = overlap
         self.max_volumes = max_volumes
         self.sw_batch_size = sw_batch_size
+        self.sigma_scale = float(sigma_scale)
         self._volumes: collections.OrderedDict[str, EmbeddedVolume] = collections.OrderedDict()
 
     def __contains__(self, image: Image) -> bool:
@@ -167,6 +171,7 @@ class EmbeddingStore:
                 predictor=lambda patch: predictor(patch).float(),
                 overlap=self.overlap,
                 mode="gaussian",
+                sigma_scale=self.sigma_scale,
                 padding_mode="replicate",
                 progress=False,
             )

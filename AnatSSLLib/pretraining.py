@@ -51,7 +51,9 @@ class LDPretrainSettings:
     ``view_blur`` and ``view_noise`` > 0 blur each view and add noise, each by its own random amount
     (our extension, same function). ``region_consistency`` > 0 weighs a cross-view agreement of
     the cluster assignments in the LD stage (our option,
-    :func:`~AnatSSLLib.methods.ld.assignment_consistency_loss`; needs views from another crop). ``cross_subject_neighbours`` > 0
+    :func:`~AnatSSLLib.methods.ld.assignment_consistency_loss`; needs views from another crop).
+    ``padding_mode`` ``"reflect"`` or ``"replicate"`` pads the network's convolutions without zeros, which
+    would tell it where the crop's border is (our option; see :class:`~AnatSSLLib.networks.LDNet`). ``cross_subject_neighbours`` > 0
     registers that many other training subjects onto each one (affine) and pairs crops across
     them, so the same anatomy in two heads becomes a positive pair (our extension, see
     :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
@@ -80,6 +82,7 @@ class LDPretrainSettings:
     view_blur: float = 0.0
     view_noise: float = 0.0
     region_consistency: float = 0.0
+    padding_mode: str = "zeros"
     cross_subject_neighbours: int = 0
     bias_field_std: float = 0.0
     seed: int = 0
@@ -177,13 +180,14 @@ def pretrain_ld(
             + (f", per-view blur up to {settings.view_blur:g} voxels" if settings.view_blur else "")
             + (f", per-view noise up to {settings.view_noise:g}" if settings.view_noise else "")
             + (f", cross-view cluster consistency (weight {settings.region_consistency:g})" if settings.region_consistency else "")
+            + (f", {settings.padding_mode} padding" if settings.padding_mode != "zeros" else "")
         ),
     }
     common = dict(
         spatial_dims=3, grid=settings.grid, num_clusters=settings.num_clusters, embedding_dim=settings.embedding_dim,
         features=settings.features, sampler=data.torch_sampler(channels), paired_contrasts=paired, manifest=manifest,
         augment=_augment(settings), negatives=settings.pd_negatives,
-        w_cons=settings.region_consistency,
+        w_cons=settings.region_consistency, padding_mode=settings.padding_mode,
     )
 
     def config(steps: int, folder: str) -> TrainingConfig:

@@ -92,6 +92,36 @@ def test_registry_round_trip():
         build_network("ld_unet2d", {"no_such_argument": 1})
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_reflect_padding_hides_the_border(dims):
+    """Known answer: on a constant input a reflect-padded network gives the same embedding at every
+    voxel (no convolution can tell the border from the inside), a zero-padded one does not."""
+    shape = (1, 1) + (32,) * dims
+    x = torch.full(shape, 0.7)
+    spreads = {}
+    for mode in ("zeros", "reflect"):
+        torch.manual_seed(0)
+        net = LDNet(spatial_dims=dims, padding_mode=mode).eval()
+        with torch.no_grad():
+            e = net.embed(x)[0].reshape(net.embedding_dim, -1)
+        spreads[mode] = float((e - e[:, :1]).abs().max())
+    assert spreads["reflect"] < 1e-5
+    assert spreads["zeros"] > 1e-2
+
+
+def test_padding_mode_travels_with_the_manifest_and_bad_modes_are_refused():
+    torch.manual_seed(0)
+    net = build_network("ld_unet3d", {"features": [4, 4, 8, 8, 8, 4], "padding_mode": "reflect"})
+    assert net.config()["padding_mode"] == "reflect"
+    assert "padding_mode" not in LDNet(spatial_dims=3).config()  # older manifests: zeros
+    again = build_network("ld_unet3d", net.config())
+    assert {m.padding_mode for m in again.modules() if isinstance(m, torch.nn.Conv3d)} == {"reflect"}
+    task = LDTask(spatial_dims=3, padding_mode="reflect", features=[4, 4, 8, 8, 8, 4])
+    assert task.manifest_fields()["architecture_params"]["padding_mode"] == "reflect"
+    with pytest.raises(InputError, match="padding_mode"):
+        LDNet(spatial_dims=3, padding_mode="circle")
+
+
 def test_task_builds_registered_model_and_manifest():
     task = LDTask(spatial_dims=3, stage="ld", num_clusters=8, manifest={"spacing": [2.0, 2.0, 2.0]})
     net = task.build_model()

@@ -59,6 +59,8 @@ def test_method_options_are_refused_with_another_method(population_small, tmp_pa
     assert "Alice options" in capsys.readouterr().err
     assert main(base + ["--method", "alice", "--cross-subject", "2"]) != 0
     assert "LD options" in capsys.readouterr().err
+    assert main(base + ["--method", "alice", "--padding", "reflect"]) != 0
+    assert "LD options" in capsys.readouterr().err
 
 
 def test_ld_view_settings_out_of_range_are_refused(population_small, tmp_path, capsys):

@@ -78,6 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--region-consistency", type=float, default=0.0, metavar="WEIGHT",
                    help="LD stage: weight of a term asking the same place to fall in the same cluster in both views "
                         "(our option; needs --view-shift/--view-turn/--view-zoom; default 0: off, as the paper)")
+    p.add_argument("--padding", choices=("zeros", "reflect", "replicate"), default="zeros",
+                   help="LD: how the network's convolutions pad their input; zeros (default, as the paper) tell the "
+                        "network where the crop's border is, reflect and replicate do not (our option)")
     awcl = p.add_argument_group("AWCL (2D) and Alice (3D)")
     awcl.add_argument("--steps", type=int, default=1000, help="AWCL or Alice training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
@@ -194,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         view_warp_vox=args.view_warp, view_shift=args.view_shift,
         view_turn_deg=args.view_turn, view_zoom=args.view_zoom, pd_negatives=args.pd_negatives,
         view_blur=args.view_blur, view_noise=args.view_noise, region_consistency=args.region_consistency,
-        cross_subject_neighbours=args.cross_subject,
+        padding_mode=args.padding, cross_subject_neighbours=args.cross_subject,
         bias_field_std=args.bias_field, seed=args.seed, device=args.device,
     )
     sinks: dict = {}
@@ -209,9 +212,10 @@ def run(args: argparse.Namespace) -> int:
     if (args.no_cafa or args.no_generative or args.views != "same" or args.matcher) and args.method != "alice":
         raise InputError("--views, --matcher, --no-cafa and --no-generative are Alice options; use them with --method alice")
     ld_only = (args.cross_subject, args.bias_field, args.view_warp, args.view_shift, args.view_turn, args.view_zoom,
-               args.pd_negatives != "batch", args.view_blur, args.view_noise, args.region_consistency)
+               args.pd_negatives != "batch", args.view_blur, args.view_noise, args.region_consistency,
+               args.padding != "zeros")
     if any(ld_only) and args.method != "ld":
-        raise InputError("--cross-subject, --bias-field, --pd-negatives and the --view-* options are LD options; "
+        raise InputError("--cross-subject, --bias-field, --pd-negatives, --padding and the --view-* options are LD options; "
                          "use them with --method ld")
     token = CancelToken(args.cancel_file)
     with token.handle_signals():

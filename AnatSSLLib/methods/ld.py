@@ -1097,6 +1097,8 @@ class LDTask:
             whose cluster head never received a gradient, so it starts fresh).
         negatives: patch-discrimination negatives, ``"batch"`` (paper) or ``"image"``; see :class:`LDLoss`.
         w_cons: weight of the cross-view assignment consistency (ours; 0 = off); see :class:`LDLoss`.
+        padding_mode: the network's convolution padding, ``"zeros"`` (paper) or ``"reflect"``/
+            ``"replicate"`` (ours); see :class:`~AnatSSLLib.networks.LDNet`.
     """
 
     method = "ld"
@@ -1125,6 +1127,7 @@ class LDTask:
         init_state: Mapping[str, Tensor] | None = None,
         negatives: str = "batch",
         w_cons: float = 0.0,
+        padding_mode: str = "zeros",
     ) -> None:
         if spatial_dims not in (2, 3):
             raise InputError(f"LDTask spatial_dims: expected 2 or 3, got {spatial_dims!r}")
@@ -1139,6 +1142,8 @@ class LDTask:
         }
         if features is not None:
             self.model_params["features"] = [int(f) for f in features]
+        if padding_mode != "zeros":  # older manifests have no such field: it means zeros
+            self.model_params["padding_mode"] = str(padding_mode)
         self.loss_fn = LDLoss(
             stage=self.stage, grid=grid, tau=tau, tau_r=tau_r, w_rd=w_rd, w_ent=w_ent,
             w_area=w_area, w_pix=w_pix, pooling=pooling, sigma=sigma, negatives=negatives,

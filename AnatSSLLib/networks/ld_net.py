@@ -24,6 +24,13 @@ Relation to the paper's network:
   normalisation (D = 32); clusters = conv3(F->K)-BN-ReLU-conv3(K->K), sigmoid, then L1
   normalisation over the K channels (K = 16 for pretraining).
 
+Padding (our option, not in the paper): ``padding_mode="zeros"`` (default, as the reference)
+pads every convolution with zeros; ``"reflect"`` mirrors the feature map instead. Zero padding
+lets a CNN tell how far a voxel lies from the input's border (Islam et al., ICLR 2020, "How much
+position information do convolutional neural networks encode?"), and a 3D U-Net's receptive field
+reaches the borders of a training crop from everywhere, so patch discrimination can be solved by
+position in the crop instead of anatomy (measured: ``benchmarks/probe_shift_equivariance.py``).
+
 Input sizes: every spatial size must be divisible by 16 (four 2x2(x2) poolings).
 """
 
@@ -37,11 +44,12 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["LDNet", "LDOutput", "DEFAULT_FEATURES_2D", "DEFAULT_FEATURES_3D", "SIZE_DIVISOR"]
+__all__ = ["LDNet", "LDOutput", "DEFAULT_FEATURES_2D", "DEFAULT_FEATURES_3D", "PADDING_MODES", "SIZE_DIVISOR"]
 
 DEFAULT_FEATURES_2D: tuple[int, ...] = (16, 32, 64, 128, 128, 32)
 DEFAULT_FEATURES_3D: tuple[int, ...] = (16, 16, 32, 64, 64, 16)
 SIZE_DIVISOR = 16
+PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate")
 _EPS = 1e-10
 
 
@@ -77,9 +85,11 @@ class LDNet(nn.Module):
             ``DEFAULT_FEATURES_2D`` in 2D, ``DEFAULT_FEATURES_3D`` in 3D.
         embedding_dim: D, the length of the per-voxel embedding (paper: 32).
         num_clusters: K, the number of soft clusters (paper: 16 for pretraining, 8 shape-guided).
+        padding_mode: how every convolution pads its input, one of :data:`PADDING_MODES`
+            (default ``"zeros"``, as the reference; see the module docstring).
 
     Raises:
-        InputError: bad ``spatial_dims``, ``features``, ``embedding_dim`` or ``num_clusters``.
+        InputError: bad ``spatial_dims``, ``features``, ``embedding_dim``, ``num_clusters`` or ``padding_mode``.
 
     Note:
         Both outputs are float32 (also under CUDA autocast). Every spatial size of the input must be divisible by 16; ``forward`` raises
@@ -100,6 +110,7 @@ class LDNet(nn.Module):
         features: Sequence[int] | None = None,
         embedding_dim: int = 32,
         num_clusters: int = 16,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         from monai.networks.nets import BasicUNet
@@ -116,7 +127,10 @@ class LDNet(nn.Module):
                 "LDNet in_channels, embedding_dim and num_clusters must be positive, got "
                 f"{in_channels!r}, {embedding_dim!r}, {num_clusters!r}"
             )
+        if padding_mode not in PADDING_MODES:
+            raise InputError(f"LDNet padding_mode: expected one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
         self.spatial_dims = int(spatial_dims)
+        self.padding_mode = padding_mode
         self.in_channels = int(in_channels)
         self.features = features
         self.embedding_dim = int(embedding_dim)
@@ -135,16 +149,22 @@ class LDNet(nn.Module):
         self.backbone = backbone
         self.embedding_head = _head(self.spatial_dims, features[5], self.embedding_dim)
         self.cluster_head = _head(self.spatial_dims, features[5], self.num_clusters)
+        for module in self.modules():  # MONAI's blocks take no padding mode: set it on every convolution
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                module.padding_mode = padding_mode
 
     def config(self) -> dict:
         """Constructor arguments (JSON-able), for the encoder-cache manifest."""
-        return {
+        config = {
             "spatial_dims": self.spatial_dims,
             "in_channels": self.in_channels,
             "features": list(self.features),
             "embedding_dim": self.embedding_dim,
             "num_clusters": self.num_clusters,
         }
+        if self.padding_mode != "zeros":  # absent in older manifests, where it means zeros
+            config["padding_mode"] = self.padding_mode
+        return config
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise InputError unless ``x`` is ``B, in_channels, *spatial`` with sizes divisible by 16."""
