@@ -49,7 +49,8 @@ class LDPretrainSettings:
     ``pd_negatives="image"`` keeps patch discrimination inside each image, so that the same
     anatomy in another subject of the batch is never a negative (our option; the paper's is "batch").
     ``view_blur`` and ``view_noise`` > 0 blur each view and add noise, each by its own random amount
-    (our extension, same function). ``region_consistency`` > 0 weighs a cross-view agreement of
+    (our extension, same function); ``view_remap`` > 0 passes each view through a random intensity transfer
+    function with that probability (our extension, same function). ``region_consistency`` > 0 weighs a cross-view agreement of
     the cluster assignments in the LD stage (our option,
     :func:`~AnatSSLLib.methods.ld.assignment_consistency_loss`; needs views from another crop).
     ``padding_mode`` ``"reflect"`` or ``"replicate"`` pads the network's convolutions without zeros, which
@@ -81,6 +82,7 @@ class LDPretrainSettings:
     pd_negatives: str = "batch"
     view_blur: float = 0.0
     view_noise: float = 0.0
+    view_remap: float = 0.0
     region_consistency: float = 0.0
     padding_mode: str = "zeros"
     cross_subject_neighbours: int = 0
@@ -100,6 +102,8 @@ class LDPretrainSettings:
                 f"view_blur (--view-blur) must be in [0, 4] voxels and view_noise (--view-noise) in [0, 0.5]; "
                 f"got {self.view_blur} and {self.view_noise}"
             )
+        if not 0.0 <= self.view_remap <= 1.0:
+            raise InputError(f"view_remap (--view-remap) is a probability in [0, 1], got {self.view_remap}")
         if self.region_consistency and not (self.view_shift or self.view_turn_deg or self.view_zoom):
             raise InputError("region_consistency (--region-consistency) compares two different crops: "
                              "set view_shift, view_turn_deg or view_zoom (--view-shift, --view-turn, --view-zoom)")
@@ -114,7 +118,7 @@ def _augment(settings: LDPretrainSettings) -> dict[str, Any]:
     if settings.canonical_orientation:
         augment.update(rotate_deg=(15.0, 15.0, 15.0), shared_flip=False)
     # our view extensions, passed on (by make_ld_batch's names) only when switched on
-    for name in ("view_warp_vox", "view_shift", "view_turn_deg", "view_zoom", "view_blur", "view_noise"):
+    for name in ("view_warp_vox", "view_shift", "view_turn_deg", "view_zoom", "view_blur", "view_noise", "view_remap"):
         value = float(getattr(settings, name))
         if value > 0:
             augment[name] = value
@@ -179,6 +183,7 @@ def pretrain_ld(
             + (", negatives from the same image only" if settings.pd_negatives == "image" else "")
             + (f", per-view blur up to {settings.view_blur:g} voxels" if settings.view_blur else "")
             + (f", per-view noise up to {settings.view_noise:g}" if settings.view_noise else "")
+            + (f", random contrast remap (p {settings.view_remap:g})" if settings.view_remap else "")
             + (f", cross-view cluster consistency (weight {settings.region_consistency:g})" if settings.region_consistency else "")
             + (f", {settings.padding_mode} padding" if settings.padding_mode != "zeros" else "")
         ),

@@ -444,6 +444,23 @@ def test_view_blur_and_noise():
     assert float(noisy.images.min()) >= float(img.min()) - 1e-4 and float(noisy.images.max()) <= float(img.max()) + 1e-4
 
 
+def test_random_intensity_remap_known_answers():
+    from AnatSSLLib.methods.ld import random_intensity_remap
+
+    u = torch.linspace(0, 1, 11).view(1, 1, 11).repeat(2, 1, 1)
+    zigzag = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 0.0], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]])
+    out = random_intensity_remap(u, zigzag, torch.tensor([True, True]))
+    assert torch.allclose(out[0, 0], torch.tensor([1, 0.5, 0, 0.5, 1, 0.5, 0, 0.5, 1, 0.5, 0.0]), atol=1e-6)
+    assert torch.allclose(out[1], u[1], atol=1e-6)  # the identity transfer function
+    kept = random_intensity_remap(u, zigzag, torch.tensor([False, True]))
+    assert torch.equal(kept[0], u[0])
+    img = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = make_ld_batch(img, torch.Generator().manual_seed(1), flip_rot90=False)
+    remapped = make_ld_batch(img, torch.Generator().manual_seed(1), flip_rot90=False, view_remap=1.0)
+    assert not torch.allclose(remapped.images, plain.images)
+    assert float(remapped.images.min()) >= float(img.min()) - 1e-4 and float(remapped.images.max()) <= float(img.max()) + 1e-4
+
+
 def test_assignment_consistency_known_answers():
     from AnatSSLLib.methods.ld import assignment_consistency_loss
 

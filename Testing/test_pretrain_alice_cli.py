@@ -68,7 +68,7 @@ def test_ld_view_settings_out_of_range_are_refused(population_small, tmp_path, c
     from AnatSSLLib.pretraining import LDPretrainSettings
 
     for bad in (dict(view_shift=0.5), dict(view_turn_deg=60.0), dict(view_zoom=-0.1), dict(view_blur=5.0),
-                dict(view_noise=0.6), dict(region_consistency=1.0)):
+                dict(view_noise=0.6), dict(view_remap=1.5), dict(region_consistency=1.0)):
         with pytest.raises(InputError):
             LDPretrainSettings(**bad)
     LDPretrainSettings(view_shift=0.25, view_turn_deg=15.0, region_consistency=1.0)  # a valid combination

@@ -65,6 +65,7 @@ __all__ = [
     "apply_flip_rot90",
     "undo_flip_rot90",
     "unwarp_features",
+    "random_intensity_remap",
     "average_patches",
     "overlap_patch_pairs",
     "assignment_consistency_loss",
@@ -278,6 +279,22 @@ def _blur_each(x: Tensor, sigmas: Tensor) -> Tensor:
     return torch.stack([gaussian_filter(x[i], tuple(float(s) for s in sigmas[i])) for i in range(x.shape[0])])
 
 
+def random_intensity_remap(u: Tensor, y: Tensor, apply: Tensor) -> Tensor:
+    """Images ``u`` (``N, C, *S``, values in [0, 1]) through per-image piecewise-linear transfer
+    functions: ``y`` (``N, K``) are the output values at ``K`` equally spaced input knots in [0, 1];
+    images with ``apply[n]`` false are returned unchanged. Non-monotonic ``y`` change the contrast
+    (dark and bright tissues may swap), as between MRI sequences."""
+    n, k = y.shape
+    pos = u.clamp(0.0, 1.0) * (k - 1)
+    lo = pos.floor().clamp(max=k - 2).long()
+    frac = pos - lo
+    flat_lo = lo.reshape(n, -1)
+    y = y.to(u.dtype)
+    out = (torch.gather(y, 1, flat_lo) * (1 - frac.reshape(n, -1)) + torch.gather(y, 1, flat_lo + 1) * frac.reshape(n, -1))
+    out = out.reshape(u.shape)
+    return torch.where(apply.view((n,) + (1,) * (u.ndim - 1)), out, u)
+
+
 def make_ld_batch(
     images: Tensor,
     generator: torch.Generator | None = None,
@@ -299,6 +316,7 @@ def make_ld_batch(
     view_zoom: float = 0.0,
     view_blur: float = 0.0,
     view_noise: float = 0.0,
+    view_remap: float = 0.0,
 ) -> LDViews:
     """LD's views of ``images`` (``2B, C, *S``: the first B are the A images, the last B the B
     images), METHODS.md 2.2.
@@ -340,6 +358,13 @@ def make_ld_batch(
     and gets additive Gaussian noise of standard deviation drawn in ``[0, view_noise]`` (of the
     image's range), independently per view: images of one anatomy at other resolutions and noise
     levels (subjects scanned at other voxel sizes) then count as the same patch.
+
+    ``view_remap > 0`` (our extension, off by default; not in the paper): with that probability per
+    image and view, the view's intensities go through a random piecewise-linear transfer function
+    (:func:`random_intensity_remap`, 6 knots, output values uniform in [0, 1], so not monotonic),
+    after the jitter and before blur and noise: the same anatomy under an arbitrary contrast is one
+    positive pair, so the embedding cannot rely on which tissue is bright (the contrast-agnostic
+    augmentation of SynthSeg and SynthMorph, Billot et al. 2023, Hoffmann et al. 2022).
 
     Each view is one ``grid_sample`` (bilinear) of the original image with the composed affine
     map; outside the image is filled with the image's minimum. Random numbers come from
@@ -423,6 +448,9 @@ def make_ld_batch(
         mean = u.mean(dim=tuple(range(1, d + 2)), keepdim=True)
         u = ((u - mean) * c + mean).clamp(0.0, 1.0)
         u = (u * br).clamp(0.0, 1.0)
+        if view_remap > 0:
+            remap = torch.rand((n,), generator=gen) < float(view_remap)
+            u = random_intensity_remap(u, torch.rand((n, 6), generator=gen).to(u.device), remap.to(u.device))
         if view_blur > 0:
             u = _blur_each(u, _uniform(gen, n, 0.0, float(view_blur), d))
         if view_noise > 0:
