@@ -107,7 +107,12 @@ class EmbeddingStore:
 
     Args:
         encoder: a loaded encoder whose network has ``embed(x) -> (B, D, *S)``.
-        roi_size: sliding-window size in voxels (multiple of 16); bounds memory.
+        roi_size: sliding-window size in voxels (multiple of 16); bounds memory. The default, 128,
+            holds a whole head at the encoders' 2 mm in one window; 96 needed up to eight
+            overlapping windows for the same head. Measured on one CPU thread with the default LD
+            network, a 114 x 140 x 101 head: 12.3 s and 2.3 GB peak process memory, against 23.7 s
+            and 1.5 GB with 96; the landmark error was the same (1.63 against 1.66 mm, template
+            T1 -> 4 subjects).
         overlap: sliding-window overlap fraction.
         max_volumes: how many embedded volumes to keep.
         sigma_scale: width of the Gaussian that weighs each window's output where windows overlap,
@@ -118,7 +123,7 @@ class EmbeddingStore:
         self,
         encoder: LoadedEncoder,
         *,
-        roi_size: int | tuple[int, ...] = 96,
+        roi_size: int | tuple[int, ...] = 128,
         overlap: float = 0.25,
         max_volumes: int = 16,
         sw_batch_size: int = 1,

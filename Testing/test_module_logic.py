@@ -130,6 +130,28 @@ def test_propagate_creates_then_updates_one_markups_node_per_target(scene, store
         store._embed = original
 
 
+def test_propagate_with_the_default_encoder_to_a_simulated_subject(scene, template_2mm, population_small):
+    """The user's job end to end: the template T1 and a simulated subject's T1 loaded as volume nodes,
+    the 32 expert AFIDs placed on the template, Propagate with the bundled default encoder; the
+    subject's markups are checked against its exact ground truth (the threshold is
+    test_default_encoder.py's, for the same case through the library)."""
+    from AnatSSLLib.embedding import EmbeddingStore
+    from AnatSSLLib.encoders import load_encoder
+    from test_default_encoder import MAX_T1_MEAN_MM
+
+    subject = population_small.subjects[0]
+    reference = volume_node_from_image(scene, template_2mm.t1, "MNI T1")
+    target = volume_node_from_image(scene, subject.image("t1"), f"{subject.name} T1")
+    markups = _reference_markups(scene, template_2mm.landmarks)
+    (result,) = LandmarkPropagator(EmbeddingStore(load_encoder(None, device="cpu"))).propagate(
+        scene, reference, markups, [target])
+    node = result.markups_node
+    truth = subject.landmarks()
+    assert [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())] == truth.labels
+    err = np.linalg.norm(_world_ras(node) - lps_to_ras(truth.positions), axis=1)
+    assert err.mean() <= MAX_T1_MEAN_MM, err.round(1)
+
+
 def _nodes(scene, cls):
     col = scene.GetNodesByClass(cls)
     return [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
