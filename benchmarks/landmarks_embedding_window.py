@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--population", default="/work/pops/eval10")
     ap.add_argument("--target-contrast", default="t1")
     ap.add_argument("--targets", default="4")
-    ap.add_argument("--encoder", default="ld-preview")
+    ap.add_argument("--encoder", default="default")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 

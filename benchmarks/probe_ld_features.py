@@ -1,6 +1,6 @@
 """Diagnostic probe of an encoder's voxel embeddings: contrast invariance and cross-subject consistency.
 
-    python benchmarks/probe_ld_features.py --population /work/pops/eval10 --encoders random ld-preview ID... \
+    python benchmarks/probe_ld_features.py --population /work/pops/eval10 --encoders random default ID... \
         --out benchmarks/results/ld_feature_probe.json
 
 Two questions the landmark tool depends on, asked without its global stage, so that an encoder's
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     population = load_population(args.population)
-    named = [e for e in args.encoders if e != "random"] or ["ld-preview"]  # 'random' alone: the preview's architecture
+    named = [e for e in args.encoders if e != "random"] or ["default"]  # 'random' alone: the preview's architecture
     report = _header("ld_feature_probe", "python benchmarks/probe_ld_features.py " + shlex.join(argv or sys.argv[1:]))
     report.update(population=args.population, subjects=[s.name for s in population.subjects[: args.subjects]], encoders={})
     for name in args.encoders:

@@ -1,6 +1,6 @@
 """Does an encoder's embedding follow the anatomy, or the position in its input window?
 
-    python benchmarks/probe_shift_equivariance.py --population /work/pops/eval10 --encoders random ld-preview ID... \
+    python benchmarks/probe_shift_equivariance.py --population /work/pops/eval10 --encoders random default ID... \
         --out benchmarks/results/shift_equivariance.json
 
 A convolutional embedding of anatomy should give (nearly) the same vector at the same anatomical
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     shifts = [int(s) for s in args.shifts.split(",")]
     subject = load_population(args.population).subjects[0]
-    named = [e for e in args.encoders if e != "random"] or ["ld-preview"]
+    named = [e for e in args.encoders if e != "random"] or ["default"]
     report = _header("shift_equivariance", "python benchmarks/probe_shift_equivariance.py " + shlex.join(argv or sys.argv[1:]))
     report.update(population=args.population, subject=subject.name, crop=args.crop, encoders={})
     for name in args.encoders:
