@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--frame", choices=("LPS", "RAS"), default="LPS", help="frame of --point and of the printed positions (default LPS)")
     p.add_argument("-k", type=int, default=10, help="number of answers (default 10)")
     p.add_argument("--all-per-volume", action="store_true", help="allow several answers per volume")
-    p.add_argument("--refine", action="store_true", help="polish each point hit to the best voxel with the landmark tool")
+    p.add_argument("--refine", action="store_true", help="place each point hit with the landmark tool (dense correspondence from the query volume; the first query per volume takes seconds)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_encoder_options(p)
     p.set_defaults(run=run)

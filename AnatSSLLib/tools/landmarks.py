@@ -141,16 +141,16 @@ class LandmarkLocator:
         found = _sample_trilinear(tgt.smoothed_features(sigma), tgt.grid.physical_to_index(positions)[:, ::-1])
         return positions, (support * found).sum(dim=1).numpy()
 
-    def refine(self, reference: Image, point_lps: np.ndarray, target: Image, start_lps: np.ndarray) -> tuple[np.ndarray, float]:
-        """Refine one match: search ``target`` near ``start_lps`` for ``point_lps`` of ``reference``.
-
-        Every scale is searched within ``search_radius_mm`` of the previous peak, the first of
-        the start position. Returns the LPS position and its confidence.
-        """
-        ref, tgt = self.store.get(reference), self.store.get(target)
-        start_kji = tgt.grid.physical_to_index(np.asarray(start_lps, float).reshape(1, -1))[:, ::-1]
-        pos, conf = self._match(ref, np.asarray(point_lps, float).reshape(1, -1), tgt, start_kji)
-        return pos[0], float(conf[0])
+    def carry(self, reference: Image, point_lps: np.ndarray, target: Image) -> tuple[np.ndarray, float]:
+        """One point of ``reference`` (LPS mm) carried into ``target`` by the cached dense
+        correspondence (the default strategy of :meth:`locate`). Returns the LPS position and its
+        confidence. The first call for a (reference, target) pair computes the correspondence;
+        later calls cost milliseconds."""
+        point = np.asarray(point_lps, float).reshape(1, -1)
+        if not reference.contains(point)[0]:
+            raise InputError(f"point {point[0].round(2).tolist()} (LPS mm) lies outside the reference image {reference.name}")
+        positions, conf = self._carry(reference, self.store.get(reference), point, target, self.store.get(target))
+        return positions[0], float(conf[0])
 
     def _match(
         self, ref: EmbeddedVolume, ref_lps: np.ndarray, tgt: EmbeddedVolume, start_kji: np.ndarray | None = None

@@ -9,8 +9,12 @@ entry (the normalised mean of its region vectors). Queries:
 - by a label mask on the query volume: the normalised mean embedding over the mask;
 - by a whole volume: its volume-level vector.
 
-A point query can be *refined*: the coarse hit in each returned volume is polished to the best
-voxel by the landmark tool's coarse-to-fine matching around it.
+A point query can be *refined* with the landmark tool: in each returned volume the answer becomes
+the landmark tool's, the query point carried through the dense embedding correspondence between
+the query volume and that volume (:meth:`LandmarkLocator.carry`; computed once per volume pair,
+then milliseconds). The index ranks the volumes and regions; the refinement places the point.
+Without it, a point query answers with the nearest region entry of each volume, which needs an
+embedding that is unique over the whole brain (measured: it is not yet, see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -134,8 +138,9 @@ class EmbeddingSearch:
     ) -> list[SearchHit]:
         """Places in the indexed volumes most similar to ``point_lps`` of ``image``.
 
-        With ``refine`` each hit is polished by the landmark tool in its own volume (read from
-        the path stored in the index); the score becomes the landmark confidence.
+        With ``refine`` each hit's position becomes the landmark tool's answer in its own volume
+        (read from the path stored in the index; :meth:`LandmarkLocator.carry`), and its score the
+        landmark confidence.
         """
         self.check_index(index)
         hits = index.search(
@@ -143,12 +148,12 @@ class EmbeddingSearch:
             exclude_volumes=self._same_volume(index, image) if exclude_self else (),
         )
         if refine:
-            locator = locator or LandmarkLocator(self.store, sigmas_mm=(self.sigma_mm, 2.0), search_radius_mm=2 * self.grid_mm)
+            locator = locator or LandmarkLocator(self.store)
             for hit in hits:
                 if not hit.path:
                     raise InputError(f"cannot refine in {hit.volume}: the index holds no file path for it")
                 target = read_image(hit.path)
-                hit.position, hit.score = locator.refine(image, point_lps, target, hit.position)
+                hit.position, hit.score = locator.carry(image, point_lps, target)
         return hits
 
     def search_mask(self, index: EmbeddingIndex, image: Image, mask: Image, *, k: int = 10,
@@ -187,7 +192,7 @@ class EncoderSearch:
     Args:
         encoder: a cache id / name, or a :class:`~AnatSSLLib.encoders.LoadedEncoder`.
         random_weights: the encoder's architecture with random weights (the baseline).
-        refine: polish each hit with the landmark tool's local matching in its volume.
+        refine: place each hit with the landmark tool (dense correspondence) in its volume.
         **options: :class:`EmbeddingSearch` options (``grid_mm``, ``sigma_mm``).
     """
 
@@ -216,14 +221,13 @@ class EncoderSearch:
         for hit in hits:
             position, score = hit.position, hit.score
             if self.refine:
-                position, score = self._locator().refine(image, point, self._images[hit.volume], hit.position)
+                position, score = self._locator().carry(image, point, self._images[hit.volume])
             out.append((hit.volume, np.asarray(position, dtype=float), float(score)))
         return out
 
     def _locator(self) -> LandmarkLocator:
         if self._refiner is None:
-            s = self.search
-            self._refiner = LandmarkLocator(s.store, sigmas_mm=(s.sigma_mm, 2.0), search_radius_mm=2 * s.grid_mm)
+            self._refiner = LandmarkLocator(self.search.store)
         return self._refiner
 
     def query(self, image: Image, point, k: int) -> list[tuple[str, np.ndarray, float]]:
