@@ -115,8 +115,6 @@ class EmbeddingStore:
             T1 -> 4 subjects).
         overlap: sliding-window overlap fraction.
         max_volumes: how many embedded volumes to keep.
-        sigma_scale: width of the Gaussian that weighs each window's output where windows overlap,
-            as a fraction of the window (MONAI's ``sigma_scale``; 0.125 is its default).
     """
 
     def __init__(
@@ -127,7 +125,6 @@ class EmbeddingStore:
         overlap: float = 0.25,
         max_volumes: int = 16,
         sw_batch_size: int = 1,
-        sigma_scale: float = 0.125,
     ) -> None:
         self.encoder = encoder
         nd = encoder.spatial_dims
@@ -135,7 +132,6 @@ class EmbeddingStore:
         self.overlap = overlap
         self.max_volumes = max_volumes
         self.sw_batch_size = sw_batch_size
-        self.sigma_scale = float(sigma_scale)
         self._volumes: collections.OrderedDict[str, EmbeddedVolume] = collections.OrderedDict()
 
     def __contains__(self, image: Image) -> bool:
@@ -176,7 +172,6 @@ class EmbeddingStore:
                 predictor=lambda patch: predictor(patch).float(),
                 overlap=self.overlap,
                 mode="gaussian",
-                sigma_scale=self.sigma_scale,
                 padding_mode="replicate",
                 progress=False,
             )

@@ -152,16 +152,14 @@ class LandmarkLocator:
         positions, conf = self._carry(reference, self.store.get(reference), point, target, self.store.get(target))
         return positions[0], float(conf[0])
 
-    def _match(
-        self, ref: EmbeddedVolume, ref_lps: np.ndarray, tgt: EmbeddedVolume, start_kji: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _match(self, ref: EmbeddedVolume, ref_lps: np.ndarray, tgt: EmbeddedVolume) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         nd = tgt.grid.ndim
         ref_kji = ref.grid.physical_to_index(ref_lps)[:, ::-1]
         spacing_kji = np.asarray(tgt.grid.spacing[::-1])
         shape = np.asarray(tgt.features.shape[1:])
-        peaks = start_kji  # (N, nd) in target [k, j, i]; None: search the whole target first
+        peaks = None  # (N, nd) in target [k, j, i]; the first (widest) scale searches the whole target
         conf = np.zeros(len(ref_lps))
         for sigma in self.sigmas_mm:
             support = _sample_trilinear(ref.smoothed_features(sigma), ref_kji)  # N, D
