@@ -142,15 +142,12 @@ class LandmarkLocator:
         return positions, (support * found).sum(dim=1).numpy()
 
     def carry(self, reference: Image, point_lps: np.ndarray, target: Image) -> tuple[np.ndarray, float]:
-        """One point of ``reference`` (LPS mm) carried into ``target`` by the cached dense
-        correspondence (the default strategy of :meth:`locate`). Returns the LPS position and its
-        confidence. The first call for a (reference, target) pair computes the correspondence;
-        later calls cost milliseconds."""
-        point = np.asarray(point_lps, float).reshape(1, -1)
-        if not reference.contains(point)[0]:
-            raise InputError(f"point {point[0].round(2).tolist()} (LPS mm) lies outside the reference image {reference.name}")
-        positions, conf = self._carry(reference, self.store.get(reference), point, target, self.store.get(target))
-        return positions[0], float(conf[0])
+        """One point of ``reference`` (LPS mm) found in ``target`` by :meth:`locate` (with the default
+        strategy, the cached dense correspondence: the first call for a (reference, target) pair
+        computes it, later calls cost milliseconds). Returns the LPS position and its confidence."""
+        query = PointSet(labels=["query"], positions=np.asarray(point_lps, float).reshape(1, -1))
+        (found,) = self.locate(reference, query, [target])
+        return found.positions[0], float(found.confidence[0])
 
     def _match(self, ref: EmbeddedVolume, ref_lps: np.ndarray, tgt: EmbeddedVolume) -> tuple[np.ndarray, np.ndarray]:
         import torch
