@@ -32,9 +32,10 @@ def volume_key(image: Image) -> str:
     return h.hexdigest()
 
 
-def _smoothing_matrix(size: int, sigma: float, dtype, device):
+def _smoothing_matrix(size: int, sigma: float, dtype, device, padding: str = "replicate"):
     """``(size, size)`` matrix ``M`` with ``M @ line`` = the line convolved by a normalised Gaussian
-    (cut at 3 sigma), edges replicated: the padded taps are folded onto the end samples."""
+    (cut at 3 sigma). ``padding="replicate"``: the taps that fall outside are folded onto the end
+    samples; ``"zeros"``: they are dropped (the line is zero outside)."""
     import torch
 
     radius = max(1, int(np.ceil(3.0 * sigma)))
@@ -43,23 +44,41 @@ def _smoothing_matrix(size: int, sigma: float, dtype, device):
     matrix = np.zeros((size, size))
     rows = np.arange(size)
     for offset, weight in zip(range(-radius, radius + 1), taps):
-        np.add.at(matrix, (rows, np.clip(rows + offset, 0, size - 1)), weight)
+        cols = rows + offset
+        if padding == "zeros":
+            inside = (cols >= 0) & (cols < size)
+            np.add.at(matrix, (rows[inside], cols[inside]), weight)
+        else:
+            np.add.at(matrix, (rows, np.clip(cols, 0, size - 1)), weight)
     return torch.as_tensor(matrix, dtype=dtype, device=device)
 
 
-def gaussian_filter(features, sigma_vox: tuple[float, ...]):
+def gaussian_filter(features, sigma_vox: tuple[float, ...], padding: str = "replicate"):
     """Each channel of ``features`` (``(C, *S)``) filtered by a normalised Gaussian of standard
     deviation ``sigma_vox`` (voxels, one per spatial axis, in ``[k, j, i]`` order, cut at 3 sigma;
-    axes with sigma <= 0 untouched), borders handled by replicate padding. Returns ``(C, *S)``."""
-    x = features
+    axes with sigma <= 0 untouched). Borders: ``padding="replicate"`` (edge values continue) or
+    ``"zeros"`` (zero outside, as for a normalised convolution). Returns ``(C, *S)``."""
+    import torch
+
+    if padding not in ("replicate", "zeros"):
+        raise ValueError(f"gaussian_filter padding must be 'replicate' or 'zeros', got {padding!r}")
+    x = features.contiguous()
+    shape = tuple(x.shape)
     for axis, sigma in enumerate(sigma_vox):
         if sigma <= 0:
             continue
         # One matrix product per axis with the (size x size) banded filter matrix: BLAS runs it
         # several times faster than a 1D convolution over every line, and memory stays that of the
-        # volume (a depthwise 3D convolution with a long kernel can ask for many gigabytes).
-        matrix = _smoothing_matrix(x.shape[axis + 1], float(sigma), x.dtype, x.device)
-        x = (x.movedim(axis + 1, -1) @ matrix.T).movedim(-1, axis + 1)
+        # volume (a depthwise 3D convolution with a long kernel can ask for many gigabytes). The
+        # volume is viewed as (lines before, size, lines after), so that no axis is moved and
+        # copied: 40 % faster than moving the axis last.
+        size = shape[axis + 1]
+        matrix = _smoothing_matrix(size, float(sigma), x.dtype, x.device, padding)
+        before, after = int(np.prod(shape[: axis + 1])), int(np.prod(shape[axis + 2 :]))
+        if after == 1:
+            x = (x.reshape(before, size) @ matrix.T).reshape(shape)
+        else:
+            x = torch.matmul(matrix, x.reshape(before, size, after)).reshape(shape)
     return x
 
 
@@ -163,13 +182,19 @@ class EmbeddingStore:
         x = torch.from_numpy(array)[None, None].to(self.encoder.device)
         model = self.encoder.model
         predictor = model.embed if hasattr(model, "embed") else model
+        layout = torch.contiguous_format
+        if x.ndim == 5 and x.device.type == "cpu":
+            # oneDNN's 3D convolutions run about 30 % faster on a CPU with channels-last tensors
+            # (measured with the default LD network, one thread); the values are the same
+            layout = torch.channels_last_3d
+            model.to(memory_format=layout)
         roi = tuple(min(r, max(16, int(np.ceil(s / 16.0)) * 16)) for r, s in zip(self.roi_size, array.shape))
         with torch.no_grad(), autocast(self.encoder.device):
             out = sliding_window_inference(
                 x,
                 roi_size=roi,
                 sw_batch_size=self.sw_batch_size,
-                predictor=lambda patch: predictor(patch).float(),
+                predictor=lambda patch: predictor(patch.contiguous(memory_format=layout)).float().contiguous(),
                 overlap=self.overlap,
                 mode="gaussian",
                 padding_mode="replicate",
