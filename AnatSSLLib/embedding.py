@@ -22,6 +22,17 @@ from .image import Image
 __all__ = ["EmbeddedVolume", "EmbeddingStore", "gaussian_filter", "gaussian_smooth", "volume_key"]
 
 
+def _cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions natively (AVX-512 BF16 or AMX), where they
+    run about a third faster than float32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def volume_key(image: Image) -> str:
     """A content key for ``image``: voxel bytes and geometry (so an edited volume is re-embedded)."""
     h = hashlib.blake2b(digest_size=16)
@@ -126,7 +137,9 @@ class EmbeddingStore:
 
     Args:
         encoder: a loaded encoder whose network has ``embed(x) -> (B, D, *S)``.
-        roi_size: sliding-window size in voxels (multiple of 16); bounds memory. The default, 128,
+        roi_size: sliding-window size in voxels (multiple of 16); bounds memory: a volume whose
+            padded size has no more voxels than the window is embedded in one window of its own
+            shape. The default, 128,
             holds a whole head at the encoders' 2 mm in one window; 96 needed up to eight
             overlapping windows for the same head. Measured on one CPU thread with the default LD
             network, a 114 x 140 x 101 head: 12.3 s and 2.3 GB peak process memory, against 23.7 s
@@ -144,8 +157,10 @@ class EmbeddingStore:
         overlap: float = 0.25,
         max_volumes: int = 16,
         sw_batch_size: int = 1,
+        cpu_bfloat16: bool | None = None,
     ) -> None:
         self.encoder = encoder
+        self.cpu_bfloat16 = _cpu_has_bfloat16() if cpu_bfloat16 is None else bool(cpu_bfloat16)
         nd = encoder.spatial_dims
         self.roi_size = (roi_size,) * nd if isinstance(roi_size, int) else tuple(roi_size)
         self.overlap = overlap
@@ -188,8 +203,15 @@ class EmbeddingStore:
             # (measured with the default LD network, one thread); the values are the same
             layout = torch.channels_last_3d
             model.to(memory_format=layout)
-        roi = tuple(min(r, max(16, int(np.ceil(s / 16.0)) * 16)) for r, s in zip(self.roi_size, array.shape))
-        with torch.no_grad(), autocast(self.encoder.device):
+        whole = tuple(max(16, int(np.ceil(s / 16.0)) * 16) for s in array.shape)
+        if np.prod(whole) <= np.prod(self.roi_size):
+            # the whole volume in one window of no more voxels than roi_size: a 114 x 140 x 101 head
+            # would otherwise take two overlapping 128^3 windows, twice the network's work
+            roi = whole
+        else:
+            roi = tuple(min(r, w) for r, w in zip(self.roi_size, whole))
+        cpu_bf16 = x.device.type == "cpu" and self.cpu_bfloat16
+        with torch.no_grad(), autocast(self.encoder.device), torch.autocast("cpu", torch.bfloat16, enabled=cpu_bf16):
             out = sliding_window_inference(
                 x,
                 roi_size=roi,

@@ -124,3 +124,40 @@ def test_cli_writes_one_markups_file_per_target(random_encoder, template_2mm, tm
 
     assert main(["landmarks", "--cache-dir", str(cache_root), "--encoder", "nope", "--reference", str(ref),
                  "--points", str(pts), "--targets", str(tgt), "--out", str(tmp_path / "out2")]) == 2
+
+
+def test_registration_start_finds_a_moved_target(random_encoder, template_2mm):
+    """``initial_alignment="registration"``: a mutual-information affine starts the local levels
+    (for targets of another contrast); on the reference moved in space the answer is known."""
+    from AnatSSLLib.embedding import EmbeddingStore
+    from AnatSSLLib.tools.landmarks import LandmarkLocator
+
+    encoder, _ = random_encoder
+    reference = template_2mm.t1
+    points = template_2mm.landmarks.subset(["AC", "PC", "genu of CC", "culmen"])
+    shift = np.array([6.0, -9.0, 3.0])
+    locator = LandmarkLocator(EmbeddingStore(encoder), initial_alignment="registration")
+    (found,) = locator.locate(reference, points, [_moved(reference, shift)])
+    err = np.linalg.norm(found.positions - (points.positions + shift), axis=1)
+    assert np.median(err) < 1.5, err
+    with pytest.raises(InputError, match="initial alignment"):
+        LandmarkLocator(EmbeddingStore(encoder), initial_alignment="atlas")
+
+
+def test_a_volume_slightly_longer_than_the_window_is_embedded_in_one_window(random_encoder):
+    """A padded volume with no more voxels than the window goes through the network once."""
+    from AnatSSLLib.embedding import EmbeddingStore
+
+    encoder, _ = random_encoder
+    shapes = []
+    model = encoder.model
+    original = model.embed
+    model.embed = lambda x: shapes.append(tuple(x.shape[2:])) or original(x)
+    try:
+        rng = np.random.default_rng(0)
+        image = Image(rng.random((20, 56, 24)).astype(np.float32), (3.0, 3.0, 3.0), (0.0, 0.0, 0.0), np.eye(3), "long")
+        # padded to 32 x 64 x 32: fewer voxels than one 48^3 window, though longer than 48 on one axis
+        EmbeddingStore(encoder, roi_size=48).get(image)
+    finally:
+        model.embed = original
+    assert shapes == [(32, 64, 32)], shapes

@@ -26,6 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--sigmas", default="8,4,2", help="centre-weighting widths in mm, coarse to fine (default 8,4,2)")
     p.add_argument("--search-radius", type=float, default=12.0, help="how far a finer scale may move (mm, default 12)")
+    p.add_argument("--initial-alignment", choices=("embedding", "registration"), default="embedding",
+                   help="where matching starts: the embedding's own global affine (default), or a mutual-information "
+                        "affine registration (for targets of another contrast than the reference)")
     p.add_argument("--min-confidence", type=float, default=0.0, help="report points below this confidence as uncertain")
     add_encoder_options(p)
     p.set_defaults(run=run)
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     stems = output_stems(args.targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    locator = LandmarkLocator(EmbeddingStore(encoder), sigmas_mm=sigmas, search_radius_mm=args.search_radius)
+    locator = LandmarkLocator(EmbeddingStore(encoder), sigmas_mm=sigmas, search_radius_mm=args.search_radius,
+                              initial_alignment=args.initial_alignment)
     for path, stem in tqdm(list(zip(args.targets, stems)), desc="landmarks", unit="target"):
         target = read_image(path)
         found = locator.locate(reference, points, [target])[0]

@@ -172,6 +172,11 @@ def sample_field(field, kji: np.ndarray):
     return out.reshape(field.shape[0], -1).T
 
 
+# A multiply-add in a matrix product costs about 1/100 of a gathered one (measured on one CPU
+# thread), so similarities to a whole lattice pay once a window holds more than 1/50 of it.
+_DENSE_WINDOW_FRACTION = 0.02
+
+
 def _window_peaks(sims, wshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Peaks of ``n`` windows of similarities ``(n, prod(wshape))`` (outside the volume -2): the
     sub-voxel peak in window steps ``(n, nd)`` (a parabola through the neighbours on each axis),
@@ -493,9 +498,7 @@ class EmbeddingCorrespondence:
         support = torch.nn.functional.normalize(support.float(), dim=1)
         centres = np.clip(np.round(_lps_to_kji(me.grid, predicted_lps)).astype(int), 0, shape - 1)
         n = len(centres)
-        # A matrix product costs about 1/100 of a gathered multiply-add here (measured on one CPU
-        # thread), so it pays once a window holds more than 1/50 of its lattice.
-        dense = int(np.prod(np.ceil(shape / stride))) < 50 * int(np.prod(wshape))
+        dense = int(np.prod(wshape)) > _DENSE_WINDOW_FRACTION * int(np.prod(np.ceil(shape / stride)))
         if dense:
             # one lattice per phase (centre modulo stride), so that every window is searched where
             # it would be gathered: the lattice of that phase, in lattice steps

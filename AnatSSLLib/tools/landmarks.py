@@ -72,17 +72,27 @@ class LandmarkLocator:
         store: the embedding store (keeps every volume's embedding for the session).
         sigmas_mm: Gaussian kernel widths, coarse to fine (mm).
         search_radius_mm: how far from the previous scale's peak a finer scale may move.
+        strategy: ``"correspondence"`` (default) or ``"argmax"`` (LD as published), see the module docstring.
+        initial_alignment: with ``"correspondence"``, where the dense matching starts:
+            ``"embedding"`` (the global affine from embedding matches) or ``"registration"`` (a
+            SimpleITK Mattes mutual-information affine registration, then the embedding's local
+            levels: for targets of another contrast, where the embedding's global matches are weak).
     """
 
     store: EmbeddingStore
     sigmas_mm: Sequence[float] = (8.0, 4.0, 2.0)
     search_radius_mm: float = 12.0
     strategy: str = "correspondence"
+    initial_alignment: str = "embedding"
     _maps: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("correspondence", "argmax"):
             raise InputError(f"landmark strategy must be 'correspondence' or 'argmax', got {self.strategy!r}")
+        if self.initial_alignment not in ("embedding", "registration"):
+            raise InputError(
+                f"landmark initial alignment must be 'embedding' or 'registration', got {self.initial_alignment!r}"
+            )
 
     def locate(
         self,
@@ -130,9 +140,15 @@ class LandmarkLocator:
         from ..embedding import volume_key
         from .correspondence import EmbeddingCorrespondence
 
-        key = (volume_key(reference), volume_key(target))
+        key = (volume_key(reference), volume_key(target), self.initial_alignment)
         if key not in self._maps:
-            self._maps[key] = EmbeddingCorrespondence(self.store).match(reference, target)
+            initial = None
+            if self.initial_alignment == "registration":
+                from ..baselines.registration import register
+                from .correspondence import affine_from_sitk
+
+                initial = affine_from_sitk(register(reference, target, "affine"))  # reference -> target
+            self._maps[key] = EmbeddingCorrespondence(self.store).match(reference, target, initial_affine=initial)
             while len(self._maps) > 4 * self.store.max_volumes:
                 self._maps.pop(next(iter(self._maps)))
         positions = self._maps[key].transform_points(ref_lps)
@@ -219,6 +235,8 @@ class EncoderLandmarks:
 
         enc = encoder_for_tool(encoder, "the landmark tool", device=device, random_weights=random_weights)
         self.name = "random-encoder" if random_weights else "encoder"
+        if options.get("initial_alignment") == "registration":
+            self.name += "+registration"
         self.locator = LandmarkLocator(EmbeddingStore(enc), **options)
         self._reference: Image | None = None
         self._points: PointSet | None = None
@@ -243,6 +261,10 @@ def _register_benchmark_methods() -> None:
     bench.LANDMARK_METHODS.setdefault("encoder", lambda encoder=None, **o: EncoderLandmarks(encoder, **o))
     bench.LANDMARK_METHODS.setdefault(
         "random-encoder", lambda encoder=None, **o: EncoderLandmarks(encoder, random_weights=True, **o)
+    )
+    bench.LANDMARK_METHODS.setdefault(
+        "encoder+registration",
+        lambda encoder=None, **o: EncoderLandmarks(encoder, initial_alignment="registration", **o),
     )
 
 
