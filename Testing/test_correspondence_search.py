@@ -42,4 +42,4 @@ def test_dense_and_gathered_window_search_agree(step_mm, monkeypatch):
     np.testing.assert_allclose(c_dense, c_gather, atol=1e-5)
     assert np.array_equal(b_dense, b_gather)
     if step_mm == 0.0:  # every voxel searched: each point's own position is the peak
-        np.testing.assert_allclose(p_gather, grid.index_to_physical(truth_kji[:, ::-1]), atol=0.3)
+        np.testing.assert_allclose(p_gather, grid.index_to_physical(truth_kji[:, ::-1]), atol=1.0)  # sub-voxel: within half a voxel

@@ -303,6 +303,11 @@ class EmbeddingCorrespondence:
     chunk: int = 256
 
     # -- public ---------------------------------------------------------------------------------
+    @property
+    def sigmas_mm(self) -> tuple[float, ...]:
+        """Every centre-weighting width the matching reads (mm), on both volumes."""
+        return tuple(sorted({float(g[0]) for g in self.global_levels} | {float(lv[0]) for lv in self.levels}))
+
     def match(
         self,
         fixed: Image,

@@ -135,6 +135,18 @@ class LandmarkLocator:
                 progress((n + 1) / len(targets))
         return results
 
+    def prepare(self, reference: Image) -> None:
+        """Embed ``reference`` and compute the centre-weighted maps every target's matching reads
+        from it, so that the first target costs no more than the others."""
+        from .correspondence import EmbeddingCorrespondence
+
+        ref = self.store.get(reference)
+        sigmas = set(self.sigmas_mm)
+        if self.strategy == "correspondence":
+            sigmas |= set(EmbeddingCorrespondence(self.store).sigmas_mm)
+        for sigma in sorted(sigmas):
+            ref.smoothed_features(sigma)
+
     def _carry(self, reference: Image, ref: EmbeddedVolume, ref_lps: np.ndarray, target: Image, tgt: EmbeddedVolume):
         """Points through the cached dense correspondence reference -> target, with confidences."""
         from ..embedding import volume_key
@@ -242,9 +254,9 @@ class EncoderLandmarks:
         self._points: PointSet | None = None
 
     def prepare(self, reference: Image, ref_points: PointSet) -> None:
-        """Remember the reference and its points; embed the reference once."""
+        """Remember the reference and its points; embed the reference once (with its smoothed maps)."""
         self._reference, self._points = reference, ref_points
-        self.locator.store.get(reference)
+        self.locator.prepare(reference)
 
     def locate(self, target: Image) -> PointSet:
         if self._reference is None or self._points is None:
