@@ -179,9 +179,10 @@ class EmbeddingStore:
     def clear(self) -> None:
         self._volumes.clear()
 
-    def get(self, image: Image, progress: Callable[[float], None] | None = None) -> EmbeddedVolume:
-        """The embedding of ``image``, computed on first use."""
-        key = volume_key(image)
+    def get(self, image: Image, progress: Callable[[float], None] | None = None, key: str | None = None) -> EmbeddedVolume:
+        """The embedding of ``image``, computed on first use. ``key``: its :func:`volume_key`, if the
+        caller has it already (hashing a volume is most of what a query on a kept one costs)."""
+        key = key or volume_key(image)
         if key in self._volumes:
             self._volumes.move_to_end(key)
             return self._volumes[key]

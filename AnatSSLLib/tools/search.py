@@ -99,11 +99,11 @@ class EmbeddingSearch:
                 progress((n + 1) / len(volumes))
 
     # ---- queries ------------------------------------------------------------------------------
-    def point_vector(self, image: Image, point_lps: Sequence[float]) -> np.ndarray:
+    def point_vector(self, image: Image, point_lps: Sequence[float], key: str | None = None) -> np.ndarray:
         point = np.asarray(point_lps, dtype=float).reshape(1, -1)
         if not image.contains(point)[0]:
             raise InputError(f"query point {point[0].round(2).tolist()} (LPS mm) lies outside {image.name}")
-        embedded = self.store.get(image)
+        embedded = self.store.get(image, key=key)
         kji = embedded.grid.physical_to_index(point)[:, ::-1]
         return _sample_trilinear(embedded.smoothed_features(self.sigma_mm), kji)[0].numpy()
 
@@ -143,9 +143,10 @@ class EmbeddingSearch:
         landmark confidence.
         """
         self.check_index(index)
+        key = volume_key(image)  # once per query: for the store and for the self-exclusion
         hits = index.search(
-            self.point_vector(image, point_lps), k=k, one_per_volume=one_per_volume,
-            exclude_volumes=self._same_volume(index, image) if exclude_self else (),
+            self.point_vector(image, point_lps, key), k=k, one_per_volume=one_per_volume,
+            exclude_volumes=self._same_volume(index, image, key) if exclude_self else (),
         )
         if refine:
             locator = locator or LandmarkLocator(self.store)
@@ -170,8 +171,8 @@ class EmbeddingSearch:
                                     exclude_volumes=self._same_volume(index, image) if exclude_self else ())
 
     @staticmethod
-    def _same_volume(index: EmbeddingIndex, image: Image) -> list[str]:
-        key = volume_key(image)
+    def _same_volume(index: EmbeddingIndex, image: Image, key: str | None = None) -> list[str]:
+        key = key or volume_key(image)
         return [v.name for v in index.volumes if v.key == key]
 
 
