@@ -107,20 +107,20 @@ class EmbeddingSearch:
         kji = embedded.grid.physical_to_index(point)[:, ::-1]
         return _sample_trilinear(embedded.smoothed_features(self.sigma_mm), kji)[0].numpy()
 
-    def mask_vector(self, image: Image, mask: Image) -> np.ndarray:
+    def mask_vector(self, image: Image, mask: Image, key: str | None = None) -> np.ndarray:
         if not mask.same_geometry(image):
             raise InputError(f"mask {mask.name} does not share the grid of {image.name}")
         lab = mask.array > 0
         if not lab.any():
             raise InputError(f"mask {mask.name} is empty")
-        embedded = self.store.get(image)
+        embedded = self.store.get(image, key=key)
         idx = np.argwhere(lab)[:, ::-1].astype(float)
         kji = embedded.grid.physical_to_index(image.index_to_physical(idx))[:, ::-1]
         vec = _sample_trilinear(embedded.smoothed_features(self.sigma_mm), kji).numpy().mean(axis=0)
         return vec / max(np.linalg.norm(vec), 1e-12)
 
-    def volume_vector(self, image: Image) -> np.ndarray:
-        vectors, _ = region_entries(self.store.get(image), grid_mm=self.grid_mm, sigma_mm=self.sigma_mm)
+    def volume_vector(self, image: Image, key: str | None = None) -> np.ndarray:
+        vectors, _ = region_entries(self.store.get(image, key=key), grid_mm=self.grid_mm, sigma_mm=self.sigma_mm)
         vec = vectors.mean(axis=0)
         return vec / max(np.linalg.norm(vec), 1e-12)
 
@@ -161,14 +161,16 @@ class EmbeddingSearch:
                     one_per_volume: bool = True, exclude_self: bool = True) -> list[SearchHit]:
         """Places most similar to the region ``mask > 0`` of ``image``."""
         self.check_index(index)
-        return index.search(self.mask_vector(image, mask), k=k, one_per_volume=one_per_volume,
-                            exclude_volumes=self._same_volume(index, image) if exclude_self else ())
+        key = volume_key(image)
+        return index.search(self.mask_vector(image, mask, key), k=k, one_per_volume=one_per_volume,
+                            exclude_volumes=self._same_volume(index, image, key) if exclude_self else ())
 
     def search_volume(self, index: EmbeddingIndex, image: Image, *, k: int = 10, exclude_self: bool = True) -> list[SearchHit]:
         """Indexed volumes ranked by similarity to the whole of ``image``."""
         self.check_index(index)
-        return index.search_volumes(self.volume_vector(image), k=k,
-                                    exclude_volumes=self._same_volume(index, image) if exclude_self else ())
+        key = volume_key(image)
+        return index.search_volumes(self.volume_vector(image, key), k=k,
+                                    exclude_volumes=self._same_volume(index, image, key) if exclude_self else ())
 
     @staticmethod
     def _same_volume(index: EmbeddingIndex, image: Image, key: str | None = None) -> list[str]:
