@@ -825,18 +825,20 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
             self.deviceDescription = str(self._encoders[key].device)
         return self._encoders[key]
 
-    def store(self, encoderId: str, device: str):
+    def store(self, encoderId: str, device: str, whiten: bool = False):
+        """The session's embedding store for an encoder; ``whiten``: each volume's embedding whitened
+        (the landmark and segmentation tools match those; the search tool's indexes hold raw ones)."""
         from AnatSSLLib.embedding import EmbeddingStore
 
-        key = (encoderId or "", device)
+        key = (encoderId or "", device, bool(whiten))
         if key not in self._stores:
-            self._stores[key] = EmbeddingStore(self.encoder(encoderId, device))
+            self._stores[key] = EmbeddingStore(self.encoder(encoderId, device), whiten=whiten)
         return self._stores[key]
 
     def landmarkPropagator(self, encoderId: str, device: str, lowConfidence: float = 0.5):
         key = (encoderId or "", device)
         if key not in self._propagators:
-            self._propagators[key] = _bridge_module("landmarks").LandmarkPropagator(self.store(encoderId, device))
+            self._propagators[key] = _bridge_module("landmarks").LandmarkPropagator(self.store(encoderId, device, whiten=True))
         propagator = self._propagators[key]
         propagator.low_confidence = float(lowConfidence)
         return propagator
@@ -852,7 +854,7 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
     def crossModalitySegmenter(self, encoderId: str, device: str):
         from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
 
-        return CrossModalitySegmenter(self.store(encoderId, device))
+        return CrossModalitySegmenter(self.store(encoderId, device, whiten=True))
 
     # ---- device and errors ----------------------------------------------------------------------
     @staticmethod

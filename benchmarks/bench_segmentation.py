@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=10, help="first N subjects")
     p.add_argument("--methods", default="embedding,embedding+likelihood,random,bspline")
     p.add_argument("--likelihood-weight", type=float, default=1.0)
+    p.add_argument("--whiten", action="store_true", help="whiten each volume's embedding (EmbeddingStore(whiten=True))")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared, loaded CPU)")
     p.add_argument("--out", default="benchmarks/results/segmentation.json")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -89,12 +90,12 @@ def main(argv=None) -> int:
     enc = load_encoder(args.encoder, cache=cache, device="cpu")
     segmenters = {}
     if {"embedding", "embedding+likelihood", "hybrid"} & set(methods):
-        store = EmbeddingStore(enc)
+        store = EmbeddingStore(enc, whiten=args.whiten)
         segmenters["embedding"] = CrossModalitySegmenter(store)
         segmenters["embedding+likelihood"] = CrossModalitySegmenter(store, likelihood_weight=args.likelihood_weight)
         segmenters["hybrid"] = CrossModalitySegmenter(store, initial_alignment="registration")
     if "random" in methods or "random+hybrid" in methods:
-        rstore = EmbeddingStore(random_weights_like(enc))
+        rstore = EmbeddingStore(random_weights_like(enc), whiten=args.whiten)
         segmenters["random"] = CrossModalitySegmenter(rstore)
         segmenters["random+hybrid"] = CrossModalitySegmenter(rstore, initial_alignment="registration")
     for s in segmenters.values():

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     rater2 = pop.template.landmarks_rater2()
     floor = np.linalg.norm(rater2.positions - np.array([points.position(lab) for lab in rater2.labels]), axis=1)
     (out / "landmarks").mkdir(parents=True, exist_ok=True)
-    store = EmbeddingStore(encoder)
+    store = EmbeddingStore(encoder, whiten=True)
     locator = LandmarkLocator(store)
     t0 = time.perf_counter()
     store.get(reference)
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for contrast, e in errors.items():
         print(f"T1 -> {contrast.upper()}: mean radial error {e.mean():.2f} mm, {100 * np.mean(e < 4):.0f} % within 4 mm")
 
-    search = EmbeddingSearch(store)
+    search = EmbeddingSearch(EmbeddingStore(encoder))  # the index holds raw embeddings
     index = search.new_index()
     search.add(index, [s.image("t1") for s in pop.subjects], names=[s.name for s in pop.subjects])
     index.save(out / "index")

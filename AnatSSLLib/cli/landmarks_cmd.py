@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--initial-alignment", choices=("embedding", "registration"), default="embedding",
                    help="where matching starts: the embedding's own global affine (default), or a mutual-information "
                         "affine registration (for targets of another contrast than the reference)")
+    p.add_argument("--no-whiten", action="store_true",
+                   help="match the raw embedding instead of each volume's whitened one (ablation)")
     p.add_argument("--min-confidence", type=float, default=0.0, help="report points below this confidence as uncertain")
     add_encoder_options(p)
     p.set_defaults(run=run)
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     stems = output_stems(args.targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    locator = LandmarkLocator(EmbeddingStore(encoder), sigmas_mm=sigmas, search_radius_mm=args.search_radius,
+    locator = LandmarkLocator(EmbeddingStore(encoder, whiten=not args.no_whiten), sigmas_mm=sigmas, search_radius_mm=args.search_radius,
                               initial_alignment=args.initial_alignment)
     for path, stem in tqdm(list(zip(args.targets, stems)), desc="landmarks", unit="target"):
         target = read_image(path)

@@ -31,6 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="comma-separated label ids to transfer (default: every non-zero id)")
     p.add_argument("--likelihood-weight", type=float, default=0.0,
                    help="weight of LD's region-embedding likelihood (0: shape prior only, the default)")
+    p.add_argument("--no-whiten", action="store_true",
+                   help="match the raw embedding instead of each volume's whitened one (ablation)")
     p.add_argument("--initial-alignment", choices=("embedding", "registration"), default="embedding",
                    help="global affine from embedding matches (default) or from a Mattes-MI affine registration "
                         "(for encoders whose cross-contrast matches are weak)")
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     for image, lab in zip(references, ref_labels):
         check_reference_labels(lab, image)  # before any work: a mismatched pair fails at once
     encoder = encoder_from_args(args)
-    segmenter = CrossModalitySegmenter(EmbeddingStore(encoder), likelihood_weight=args.likelihood_weight,
+    segmenter = CrossModalitySegmenter(EmbeddingStore(encoder, whiten=not args.no_whiten), likelihood_weight=args.likelihood_weight,
                                        initial_alignment=args.initial_alignment)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -227,9 +227,9 @@ def locate_landmarks(
     """Convenience wrapper: locate ``points`` of ``reference`` in every target with ``encoder``.
 
     ``encoder`` is a :class:`~AnatSSLLib.encoders.LoadedEncoder`; pass ``store`` to keep
-    embeddings between calls.
+    embeddings between calls (without one, a store of whitened embeddings is made).
     """
-    store = store if store is not None else EmbeddingStore(encoder)
+    store = store if store is not None else EmbeddingStore(encoder, whiten=True)
     return LandmarkLocator(store, sigmas_mm, search_radius_mm).locate(reference, points, targets)
 
 
@@ -239,17 +239,22 @@ class EncoderLandmarks:
     Args:
         encoder: a cache id / name, or a :class:`~AnatSSLLib.encoders.LoadedEncoder`.
         random_weights: use the encoder's architecture with random weights (baseline (d)).
+        whiten: match each volume's whitened embedding (:func:`~AnatSSLLib.embedding.whiten_features`).
         **options: :class:`LandmarkLocator` fields (``sigmas_mm``, ``search_radius_mm``).
     """
 
-    def __init__(self, encoder=None, random_weights: bool = False, device: str = "auto", **options) -> None:
+    def __init__(
+        self, encoder=None, random_weights: bool = False, device: str = "auto", whiten: bool = True, **options
+    ) -> None:
         from ..encoders import encoder_for_tool
 
         enc = encoder_for_tool(encoder, "the landmark tool", device=device, random_weights=random_weights)
         self.name = "random-encoder" if random_weights else "encoder"
         if options.get("initial_alignment") == "registration":
             self.name += "+registration"
-        self.locator = LandmarkLocator(EmbeddingStore(enc), **options)
+        if not whiten:
+            self.name += "-raw"
+        self.locator = LandmarkLocator(EmbeddingStore(enc, whiten=whiten), **options)
         self._reference: Image | None = None
         self._points: PointSet | None = None
 
@@ -265,7 +270,8 @@ class EncoderLandmarks:
 
 
 def _register_benchmark_methods() -> None:
-    """Add ``"encoder"`` and ``"random-encoder"`` to :data:`AnatSSLLib.bench.LANDMARK_METHODS`."""
+    """Add the encoder methods (``"encoder"``, ``"random-encoder"``, ``"encoder+registration"``,
+    ``"encoder-raw"``) to :data:`AnatSSLLib.bench.LANDMARK_METHODS`."""
     try:
         from .. import bench
     except Exception:  # the benchmark module is optional for the tool
@@ -278,6 +284,8 @@ def _register_benchmark_methods() -> None:
         "encoder+registration",
         lambda encoder=None, **o: EncoderLandmarks(encoder, initial_alignment="registration", **o),
     )
+    # the ablation: the raw embedding, as before per-volume whitening
+    bench.LANDMARK_METHODS.setdefault("encoder-raw", lambda encoder=None, **o: EncoderLandmarks(encoder, whiten=False, **o))
 
 
 _register_benchmark_methods()

@@ -261,17 +261,18 @@ class EmbeddingSegmentation:
     Args:
         encoder: a cache id / name, or a :class:`~AnatSSLLib.encoders.LoadedEncoder`.
         device: torch device when ``encoder`` is an id.
+        whiten: match each volume's whitened embedding (:func:`~AnatSSLLib.embedding.whiten_features`).
         **options: :class:`CrossModalitySegmenter` fields (``likelihood_weight``, ...).
     """
 
     name = "embedding"
     description = "embedding correspondence (global affine + local matching), warped label shapes"
 
-    def __init__(self, encoder=None, device: str = "auto", **options) -> None:
+    def __init__(self, encoder=None, device: str = "auto", whiten: bool = True, **options) -> None:
         from ..encoders import encoder_for_tool
 
         enc = encoder_for_tool(encoder, "cross-modality segmentation", device=device)
-        self.segmenter = CrossModalitySegmenter(EmbeddingStore(enc), **options)
+        self.segmenter = CrossModalitySegmenter(EmbeddingStore(enc, whiten=whiten), **options)
         self._reference: Image | None = None
         self._labels: Image | None = None
 
@@ -298,8 +299,9 @@ def segment_volumes(
     store: EmbeddingStore | None = None,
     **options,
 ) -> list[Image]:
-    """Convenience wrapper: one label map per target (each on its target's grid) with ``encoder``."""
-    store = store if store is not None else EmbeddingStore(encoder)
+    """Convenience wrapper: one label map per target (each on its target's grid) with ``encoder``
+    (without ``store``, a store of whitened embeddings is made)."""
+    store = store if store is not None else EmbeddingStore(encoder, whiten=True)
     seg = CrossModalitySegmenter(store, **options)
     return [seg.segment(reference, reference_labels, t, labels=labels) for t in targets]
 
