@@ -288,7 +288,8 @@ class EmbeddingCorrespondence:
             the coarse levels cost a fraction of a full-resolution map). The global levels read
             ``step_mm`` the same way: both search a 4 mm lattice of a 2 mm volume (measured with the
             default encoder, template T1 -> 4 subjects: 1.46 against 1.45 mm with the second at
-            every voxel, 30 % less time per target).
+            every voxel; a 32-channel map of 103 x 106 x 107 voxels smooths in 0.17 s on the
+            lattice against 0.72 s at every voxel, one thread).
         field_sigma_mm: Gaussian width of the normalised convolution, one per level (or one for all).
         keep_quantile: the least confident fraction of each level's matches is dropped.
         outlier_mm: a match further than this from the smoothed field is dropped before refitting.
@@ -512,8 +513,8 @@ class EmbeddingCorrespondence:
         support = torch.nn.functional.normalize(support.float(), dim=1)
         centres = np.clip(np.round(_lps_to_kji(grid, predicted_lps)).astype(int), 0, shape - 1)
         n = len(centres)
-        offsets = torch.as_tensor(np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in rad], indexing="ij"), -1).reshape(-1, nd))
-        dense = len(offsets) > _DENSE_WINDOW_FRACTION * int(np.prod(shape))
+        n_offsets = int(np.prod(wshape))
+        dense = n_offsets > _DENSE_WINDOW_FRACTION * int(np.prod(shape))
         if dense:
             table = feats.reshape(feats.shape[0], -1)  # D, L
             chunk = max(1, min(self.chunk, 2**25 // table.shape[1]))  # bounds the chunk x L similarities
@@ -523,22 +524,34 @@ class EmbeddingCorrespondence:
             table = feats.reshape(feats.shape[0], -1).T.contiguous()  # L, D
             # a few MB of gathered rows at a time: large windows in big chunks spend their time
             # allocating and faulting in fresh memory
-            chunk = max(1, min(self.chunk, 2**22 // (len(offsets) * table.shape[1])))
+            chunk = max(1, min(self.chunk, 2**22 // (n_offsets * table.shape[1])))
         strides = torch.as_tensor([int(np.prod(shape[a + 1 :])) for a in range(nd)])
         upper = torch.as_tensor(shape - 1)
         peaks = np.zeros((n, nd))
         conf = np.zeros(n)
         border = np.zeros(n, bool)
+        # window positions axis by axis, (n, w_a) each, broadcast to the (n, *wshape) window: a
+        # window's flat index and its outside-the-volume flags cost O(n * sum w_a), not O(n * O * nd)
+        axis_offsets = [torch.arange(-int(r), int(r) + 1) for r in rad]
         for start in range(0, n, chunk):
             which = slice(start, start + chunk)
-            pos = torch.as_tensor(centres[which])[:, None, :] + offsets[None]  # n, O, nd
-            outside = ((pos < 0) | (pos > upper)).any(dim=2)
-            pos = torch.minimum(pos.clamp_min(0), upper)
-            idx = (pos * strides).sum(-1)  # n, O
+            c = torch.as_tensor(centres[which])
+            m = len(c)
+            idx = torch.zeros((m, *wshape), dtype=torch.int64)
+            outside = torch.zeros((m, *wshape), dtype=torch.bool)
+            for a in range(nd):
+                view = (m,) + tuple(w if b == a else 1 for b, w in enumerate(wshape))
+                pos = c[:, a, None] + axis_offsets[a][None]  # m, w_a
+                outside |= ((pos < 0) | (pos > int(upper[a]))).reshape(view)
+                idx += (pos.clamp(0, int(upper[a])) * int(strides[a])).reshape(view)
+            idx, outside = idx.reshape(m, -1), outside.reshape(m, -1)  # m, O
             if dense:
                 sims = torch.gather(support[which] @ table, 1, idx)  # n, O
             else:
-                sims = torch.bmm(table[idx], support[which, :, None])[..., 0]  # (n, O, D) @ (n, D, 1) -> n, O
+                # index_select reads whole rows: about 8x faster than table[idx]'s advanced indexing;
+                # (n, 1, D) @ (n, D, O) runs about 7x faster than (n, O, D) @ (n, D, 1)
+                rows = table.index_select(0, idx.reshape(-1)).reshape(m, -1, table.shape[1])
+                sims = torch.bmm(support[which, None, :], rows.transpose(1, 2))[:, 0]  # n, O
             sims[outside] = -2.0
             peaks[which], conf[which], border[which] = _window_peaks(sims, wshape)
         peaks = centres + (peaks - rad)
