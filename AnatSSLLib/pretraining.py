@@ -59,7 +59,12 @@ class LDPretrainSettings:
     them, so the same anatomy in two heads becomes a positive pair (our extension, see
     :mod:`AnatSSLLib.data.cross_subject`; the registrations run at the start of every run and resume).
     ``bias_field_std`` > 0 gives every view its own smooth multiplicative intensity field
-    (:class:`~AnatSSLLib.datasets.VolumeCrops`; our extension).
+    (:class:`~AnatSSLLib.datasets.VolumeCrops`; our extension). ``dense_contrast`` > 0 weighs a
+    voxel-level contrast between the two views in both stages (our extension,
+    :func:`~AnatSSLLib.methods.ld.dense_correspondence_loss`; with paired contrasts it asks the T1
+    and the T2 voxel of one place to agree). ``init_encoder`` starts from the weights of a 3D LD
+    encoder in the cache (id or name) of the same architecture, e.g. to continue the bundled default
+    with another term; every stage then starts from it.
     """
 
     pd_steps: int = 300
@@ -87,6 +92,8 @@ class LDPretrainSettings:
     padding_mode: str = "zeros"
     cross_subject_neighbours: int = 0
     bias_field_std: float = 0.0
+    dense_contrast: float = 0.0
+    init_encoder: str | None = None
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "auto"
@@ -107,6 +114,8 @@ class LDPretrainSettings:
         if self.region_consistency and not (self.view_shift or self.view_turn_deg or self.view_zoom):
             raise InputError("region_consistency (--region-consistency) compares two different crops: "
                              "set view_shift, view_turn_deg or view_zoom (--view-shift, --view-turn, --view-zoom)")
+        if not 0.0 <= self.dense_contrast <= 100.0:
+            raise InputError(f"dense_contrast (--dense-contrast) is a weight in [0, 100], got {self.dense_contrast}")
 
     def key(self, data_fingerprint: str) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "device": None, "data": data_fingerprint}, sort_keys=True, default=list)
@@ -123,6 +132,23 @@ def _augment(settings: LDPretrainSettings) -> dict[str, Any]:
         if value > 0:
             augment[name] = value
     return augment
+
+
+def _initial_weights(settings: LDPretrainSettings, cache) -> dict:
+    """The weights of ``settings.init_encoder``, checked against the network these settings build."""
+    from .encoders import load_encoder
+
+    enc = load_encoder(settings.init_encoder, cache=cache, device="cpu")
+    want = {"embedding_dim": settings.embedding_dim, "num_clusters": settings.num_clusters, "padding_mode": settings.padding_mode}
+    have = dict(enc.manifest.architecture_params)
+    have.setdefault("padding_mode", "zeros")
+    if enc.manifest.method != "ld" or enc.manifest.spatial_dims != 3 or any(have.get(k) != v for k, v in want.items()) \
+            or (settings.features is not None and list(have.get("features", [])) != list(settings.features)):
+        raise InputError(
+            f"--init {settings.init_encoder}: a {enc.manifest.spatial_dims}D {enc.manifest.method} encoder with {have}; "
+            f"these settings train a 3D LD network with {want} (pass the same --clusters and --padding)"
+        )
+    return {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
 
 
 def pretrain_ld(
@@ -186,13 +212,15 @@ def pretrain_ld(
             + (f", random contrast remap (p {settings.view_remap:g})" if settings.view_remap else "")
             + (f", cross-view cluster consistency (weight {settings.region_consistency:g})" if settings.region_consistency else "")
             + (f", {settings.padding_mode} padding" if settings.padding_mode != "zeros" else "")
+            + (f", voxel-level cross-view contrast (weight {settings.dense_contrast:g})" if settings.dense_contrast else "")
+            + (f", started from encoder {settings.init_encoder}" if settings.init_encoder else "")
         ),
     }
     common = dict(
         spatial_dims=3, grid=settings.grid, num_clusters=settings.num_clusters, embedding_dim=settings.embedding_dim,
         features=settings.features, sampler=data.torch_sampler(channels), paired_contrasts=paired, manifest=manifest,
         augment=_augment(settings), negatives=settings.pd_negatives,
-        w_cons=settings.region_consistency, padding_mode=settings.padding_mode,
+        w_cons=settings.region_consistency, padding_mode=settings.padding_mode, w_dense=settings.dense_contrast,
     )
 
     def config(steps: int, folder: str) -> TrainingConfig:
@@ -207,15 +235,15 @@ def pretrain_ld(
             return None
         return lambda event: progress({**event, "stage": stage})
 
+    cache = cache if cache is not None else EncoderCache()
     pd_seconds = 0.0
-    init = None
+    init = _initial_weights(settings, cache) if settings.init_encoder else None
     if settings.pd_steps:
-        pd = train(LDTask(stage="pd", **common), config(settings.pd_steps, "pd"), progress=tagged("pd"), cancel=cancel)
+        pd = train(LDTask(stage="pd", init_state=init, **common), config(settings.pd_steps, "pd"), progress=tagged("pd"), cancel=cancel)
         pd_seconds = pd.seconds
         if pd.cancelled:
             return pd
         init = load_checkpoint(checkpoint_path(run / "pd"))["model"]
-    cache = cache if cache is not None else EncoderCache()
     result = train(
         LDTask(stage="ld", init_state=init, **common), config(settings.ld_steps, "ld"),
         progress=tagged("ld"), cancel=cancel, cache=cache, name=name,

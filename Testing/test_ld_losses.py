@@ -20,6 +20,7 @@ from AnatSSLLib.methods.ld import (
     average_patches,
     centre_weighted_patches,
     cluster_centres,
+    dense_correspondence_loss,
     entropy_loss,
     gaussian_pool_at,
     gaussian_smooth_embedding,
@@ -484,3 +485,60 @@ def test_ld_loss_consistency_term_on_other_crop_views():
     assert total.item() == pytest.approx(want.item(), rel=1e-5)
     _, plain = LDLoss("ld", grid=4)(e, a, v)
     assert "cons" not in plain  # off by default, as the paper
+
+
+# ------------------------------------------------------------------ dense correspondence (ours)
+
+
+def _lattice_one_hot(shape=(8, 8), stride=4) -> torch.Tensor:
+    """1, 4, *shape: a distinct one-hot vector at each lattice point (2, 2), (2, 6), (6, 2), (6, 6),
+    a constant unit vector elsewhere (never read at integer lattice points)."""
+    e = torch.zeros(1, 4, *shape, dtype=torch.float64)
+    e[:, 0] = 1.0
+    for n, (i, j) in enumerate(itertools.product(range(stride // 2, shape[0], stride), range(stride // 2, shape[1], stride))):
+        e[0, :, i, j] = 0.0
+        e[0, n, i, j] = 1.0
+    return e
+
+
+def test_dense_correspondence_known_answer_identical_views():
+    # 4 lattice points, orthogonal embeddings, the same in both views: each row's softmax has
+    # exp(1/tau) on the diagonal and exp(0) at 3 others
+    e = _lattice_one_hot()
+    want = math.log(1.0 + 3.0 * math.exp(-1.0 / TAU))
+    assert dense_correspondence_loss(e, e.clone(), None, stride=4, tau=TAU).item() == pytest.approx(want, rel=1e-9)
+    # every other point within the exclusion radius: the softmax has one entry, the loss is 0
+    assert dense_correspondence_loss(e, e.clone(), None, stride=4, tau=TAU, exclusion=6.0).item() == pytest.approx(0.0, abs=1e-12)
+    # view 2 with two points swapped: those two rows score their positive 0 and a wrong point
+    # 1/tau (loss log(e^(1/tau) + 3)); the other two rows are as before
+    swapped = e.clone()
+    swapped[0, :, 2, 2], swapped[0, :, 6, 6] = e[0, :, 6, 6], e[0, :, 2, 2]
+    got = dense_correspondence_loss(e, swapped, None, stride=4, tau=TAU).item()
+    assert got == pytest.approx(0.5 * math.log(math.exp(1.0 / TAU) + 3.0) + 0.5 * want, rel=1e-9)
+
+
+def test_dense_correspondence_follows_the_pair_map():
+    # view 2 is view 1 moved by one voxel along axis 0: x = y + (1, 0)
+    e = _lattice_one_hot((9, 8))
+    e2 = torch.roll(e, shifts=1, dims=2)
+    shift = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    want = math.log(1.0 + 3.0 * math.exp(-1.0 / TAU))
+    assert dense_correspondence_loss(e, e2, shift, stride=4, tau=TAU).item() == pytest.approx(want, rel=1e-9)
+    assert dense_correspondence_loss(e, e2, None, stride=4, tau=TAU).item() > 1.0
+    # moved by 4 voxels: points at y0 = 6 land at 10, outside the 9 rows of view 2, and are left out;
+    # the two points left (y0 = 2) still find each other
+    far = torch.tensor([[[1.0, 0.0, 4.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    e4 = torch.roll(e, shifts=4, dims=2)
+    assert dense_correspondence_loss(e, e4, far, stride=4, tau=TAU).item() == pytest.approx(
+        math.log(1.0 + math.exp(-1.0 / TAU)), rel=1e-9)
+
+
+def test_dense_term_in_ld_loss_and_bad_input():
+    g = torch.Generator().manual_seed(0)
+    v = make_ld_batch(torch.rand(4, 1, 16, 16, generator=g), g)
+    e = torch.nn.functional.normalize(torch.randn(10, 8, 16, 16, generator=g), dim=1)
+    total, t = LDLoss("pd", grid=4, w_dense=0.5)(e, None, v)
+    assert set(t) == {"pd", "mix", "dense"}
+    assert total.item() == pytest.approx((t["pd"] + t["mix"] + 0.5 * t["dense"]).item(), rel=1e-6)
+    with pytest.raises(InputError):
+        dense_correspondence_loss(e[:2], e[:3])

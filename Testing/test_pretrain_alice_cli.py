@@ -68,10 +68,29 @@ def test_ld_view_settings_out_of_range_are_refused(population_small, tmp_path, c
     from AnatSSLLib.pretraining import LDPretrainSettings
 
     for bad in (dict(view_shift=0.5), dict(view_turn_deg=60.0), dict(view_zoom=-0.1), dict(view_blur=5.0),
-                dict(view_noise=0.6), dict(view_remap=1.5), dict(region_consistency=1.0)):
+                dict(view_noise=0.6), dict(view_remap=1.5), dict(region_consistency=1.0), dict(dense_contrast=-1.0)):
         with pytest.raises(InputError):
             LDPretrainSettings(**bad)
     LDPretrainSettings(view_shift=0.25, view_turn_deg=15.0, region_consistency=1.0)  # a valid combination
     base = ["pretrain", "--population", str(population_small.path), "--cache-dir", str(tmp_path / "c")]
     assert main(base + ["--region-consistency", "5"]) == 2  # the CLI reports the same check, before any training
     assert "--view-shift" in capsys.readouterr().err
+
+
+def test_ld_continues_a_cached_encoder_with_the_dense_term(population_small, tmp_path, capsys):
+    from AnatSSLLib.cache import EncoderCache
+
+    cache_dir = tmp_path / "c"
+    base = ["pretrain", "--population", str(population_small.path), "--cache-dir", str(cache_dir), "--progress", "none",
+            "--pd-steps", "0", "--ld-steps", "1", "--batch-size", "1", "--canonical-orientation", "--view-shift", "0.2"]
+    # the bundled default is reflect-padded: starting a zero-padded network from it is refused
+    assert main(base + ["--init", "ld-4b497518b8d2"]) == 2
+    assert "--padding" in capsys.readouterr().err
+    assert main(base + ["--init", "ld-4b497518b8d2", "--padding", "reflect", "--dense-contrast", "1", "--name", "cont"]) == 0
+    cache = EncoderCache(cache_dir)
+    _, manifest = cache.load(cache.resolve("cont"))
+    assert "voxel-level cross-view contrast (weight 1)" in manifest.description
+    assert "started from encoder ld-4b497518b8d2" in manifest.description
+    alice = ["pretrain", "--population", str(population_small.path), "--cache-dir", str(cache_dir), "--method", "alice"]
+    assert main(alice + ["--steps", "1", "--init", "ld-4b497518b8d2"]) == 2
+    assert "LD options" in capsys.readouterr().err

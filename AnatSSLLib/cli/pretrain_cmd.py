@@ -84,6 +84,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--padding", choices=("zeros", "reflect", "replicate"), default="zeros",
                    help="LD: how the network's convolutions pad their input; zeros (default, as the paper) tell the "
                         "network where the crop's border is, reflect and replicate do not (our option)")
+    p.add_argument("--dense-contrast", type=float, default=0.0, metavar="WEIGHT",
+                   help="LD: weight of a voxel-level contrast between the two views (with paired contrasts, the T1 "
+                        "and T2 voxel of one place agree and differ from the rest of the crop; our extension; default 0: off)")
+    p.add_argument("--init", metavar="ENCODER",
+                   help="LD: start from this cached 3D LD encoder (id or name) of the same architecture, "
+                        "e.g. to continue the bundled default (default: fresh weights)")
     awcl = p.add_argument_group("AWCL (2D) and Alice (3D)")
     awcl.add_argument("--steps", type=int, default=1000, help="AWCL or Alice training steps (default 1000)")
     awcl.add_argument("--ratio", type=float, default=0.5, help="anatomy ratio r in [0, 1] (default 0.5; 0 = plain instance contrast)")
@@ -201,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         view_turn_deg=args.view_turn, view_zoom=args.view_zoom, pd_negatives=args.pd_negatives,
         view_blur=args.view_blur, view_noise=args.view_noise, view_remap=args.view_remap, region_consistency=args.region_consistency,
         padding_mode=args.padding, cross_subject_neighbours=args.cross_subject,
-        bias_field_std=args.bias_field, seed=args.seed, device=args.device,
+        bias_field_std=args.bias_field, dense_contrast=args.dense_contrast, init_encoder=args.init,
+        seed=args.seed, device=args.device,
     )
     sinks: dict = {}
 
@@ -216,9 +223,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--views, --matcher, --no-cafa and --no-generative are Alice options; use them with --method alice")
     ld_only = (args.cross_subject, args.bias_field, args.view_warp, args.view_shift, args.view_turn, args.view_zoom,
                args.pd_negatives != "batch", args.view_blur, args.view_noise, args.view_remap, args.region_consistency,
-               args.padding != "zeros")
+               args.padding != "zeros", args.dense_contrast, args.init)
     if any(ld_only) and args.method != "ld":
-        raise InputError("--cross-subject, --bias-field, --pd-negatives, --padding and the --view-* options are LD options; "
+        raise InputError("--cross-subject, --bias-field, --pd-negatives, --padding, --dense-contrast, --init and the --view-* "
+                         "options are LD options; "
                          "use them with --method ld")
     token = CancelToken(args.cancel_file)
     with token.handle_signals():

@@ -69,6 +69,7 @@ __all__ = [
     "average_patches",
     "overlap_patch_pairs",
     "assignment_consistency_loss",
+    "dense_correspondence_loss",
     "centre_weighted_patches",
     "gaussian_pool_at",
     "gaussian_smooth_embedding",
@@ -918,6 +919,67 @@ def assignment_consistency_loss(q1: Tensor, q2: Tensor) -> Tensor:
     return -0.5 * ((q1 * lq2).sum(1) + (q2 * lq1).sum(1)).mean()
 
 
+def dense_correspondence_loss(
+    e1: Tensor, e2: Tensor, pair_map: Tensor | None = None, stride: int = 4, tau: float = 0.1, exclusion: float = 3.0
+) -> Tensor:
+    """Voxel-level InfoNCE between two views of the same anatomy (ours; not in the paper).
+
+    View 1 is read on a regular lattice of every ``stride``-th voxel (``y_i``); view 2 at the same
+    anatomy, ``x_i = M y_i + o`` (``pair_map``; the identity when None), by trilinear interpolation.
+    For each image, over the lattice points ``i`` whose ``x_i`` lies inside view 2::
+
+        L = -1/(2n) sum_i [ log softmax_j(f1_i . f2_j / tau)_i + log softmax_j(f2_i . f1_j / tau)_i ]
+
+    where ``j`` runs over ``i`` itself and the points at least ``exclusion`` voxels from ``y_i``
+    (closer ones are the same place at this resolution, and neither pulled nor pushed). Why: LD's
+    patch terms compare 16 mm cells, so nothing asks a single voxel's embedding to name its place;
+    with the two contrasts of one subject as the two views (paired contrasts), this term asks a
+    T1 voxel and the T2 voxel at the same place to agree, and to differ from the other places of
+    the crop, which is what the landmark and segmentation tools read across contrasts.
+
+    Args:
+        e1, e2: ``B, D, *S`` unit embeddings of view 1 and view 2 (view 2 with its flip/rot90 and
+            warp undone). pair_map: ``B, d, d+1`` view 1 voxel index -> view 2 (axis order) or None.
+        stride: lattice step in voxels. tau: temperature. exclusion: radius in voxels.
+
+    Returns:
+        scalar tensor (0 when no image has two valid points).
+    """
+    d = e1.ndim - 2
+    if e1.shape != e2.shape or d not in (2, 3):
+        raise InputError(f"dense_correspondence_loss: expected two equal B,D,*S embeddings, got {tuple(e1.shape)}, {tuple(e2.shape)}")
+    shape = tuple(e1.shape[2:])
+    axes = [torch.arange(stride // 2, s, stride, dtype=e1.dtype, device=e1.device) for s in shape]
+    y = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, d)  # n, d (axis order)
+    b = e1.shape[0]
+    if pair_map is None:
+        x = y.unsqueeze(0).expand(b, -1, -1)
+    else:
+        m = pair_map.to(e1.device, e1.dtype)
+        x = y @ m[:, :, :d].transpose(1, 2) + m[:, :, d].unsqueeze(1)  # B, n, d
+    size = torch.tensor(shape, dtype=e1.dtype, device=e1.device)
+    valid = ((x >= 0.0) & (x <= size - 1.0)).all(dim=-1)  # B, n
+    f1 = e1[(slice(None), slice(None)) + tuple(y[:, a].long() for a in range(d))]  # B, D, n
+    grid = ((2.0 * x + 1.0) / size - 1.0).flip(-1).view((b, -1) + (1,) * (d - 1) + (d,))
+    f2 = F.grid_sample(e2, grid, mode="bilinear", padding_mode="border", align_corners=False).reshape(b, e1.shape[1], -1)
+    f2 = l2_normalize(f2, dim=1)
+    near = torch.cdist(y, y) < float(exclusion)
+    near.fill_diagonal_(False)
+    losses = []
+    for i in range(b):
+        keep = valid[i]
+        if int(keep.sum()) < 2:
+            continue
+        a, c = f1[i][:, keep].t(), f2[i][:, keep].t()
+        logits = (a @ c.t()) / tau
+        logits = logits.masked_fill(near[keep][:, keep], float("-inf"))
+        target = torch.arange(a.shape[0], device=a.device)
+        losses.append(0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)))
+    if not losses:
+        return e1.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
 class LDLoss(nn.Module):
     """LD's training loss on one batch of views (METHODS.md 2.2-2.3).
 
@@ -942,6 +1004,8 @@ class LDLoss(nn.Module):
             anatomy in another subject of the batch is never pushed away).
         w_cons: weight of :func:`assignment_consistency_loss` in stage "ld" for views from another
             crop (our option; default 0, as the paper).
+        w_dense: weight of :func:`dense_correspondence_loss` between view 1 and view 2 of the
+            ``2B`` images, in both stages (our option; default 0, as the paper).
 
     Raises:
         InputError: unknown stage, pooling or negatives, grid < 1.
@@ -964,6 +1028,7 @@ class LDLoss(nn.Module):
         detach_keys: bool = True,
         negatives: str = "batch",
         w_cons: float = 0.0,
+        w_dense: float = 0.0,
     ) -> None:
         super().__init__()
         self.stage = _enum(Stage, stage, "LDLoss stage")
@@ -974,7 +1039,7 @@ class LDLoss(nn.Module):
         if int(grid) < 1:
             raise InputError(f"LDLoss grid: expected a positive integer, got {grid!r}")
         self.grid, self.tau, self.tau_r, self.sigma = int(grid), float(tau), float(tau_r), sigma
-        self.w = {"pd": w_pd, "mix": w_mix, "rd": w_rd, "ent": w_ent, "area": w_area, "pix": w_pix, "cons": w_cons}
+        self.w = {"pd": w_pd, "mix": w_mix, "rd": w_rd, "ent": w_ent, "area": w_area, "pix": w_pix, "cons": w_cons, "dense": w_dense}
         self.detach_keys = bool(detach_keys)
 
     def patches(self, embedding: Tensor) -> Tensor:
@@ -1031,6 +1096,9 @@ class LDLoss(nn.Module):
         # mixup against view 1's own grid cells (the first 2B rows of p in both branches)
         terms["mix"] = mixup_loss(p_mix.reshape(-1, dim), p[:b].reshape(-1, dim), p[b : 2 * b].reshape(-1, dim), lam, self.tau)
         total = self.w["pd"] * terms["pd"] + self.w["mix"] * terms["mix"]
+        if self.w["dense"]:
+            terms["dense"] = dense_correspondence_loss(embedding[: 2 * b], e2, views.pair_map, tau=self.tau)
+            total = total + self.w["dense"] * terms["dense"]
         if st is Stage.LD:
             if assignment.shape[0] != 5 * b or assignment.shape[2:] != embedding.shape[2:]:
                 raise InputError(f"LDLoss: assignment must be 5B,K,*S like the embedding, got {tuple(assignment.shape)}")
@@ -1125,6 +1193,7 @@ class LDTask:
             whose cluster head never received a gradient, so it starts fresh).
         negatives: patch-discrimination negatives, ``"batch"`` (paper) or ``"image"``; see :class:`LDLoss`.
         w_cons: weight of the cross-view assignment consistency (ours; 0 = off); see :class:`LDLoss`.
+        w_dense: weight of the voxel-level cross-view term (ours; 0 = off); see :class:`LDLoss`.
         padding_mode: the network's convolution padding, ``"zeros"`` (paper) or ``"reflect"``/
             ``"replicate"`` (ours); see :class:`~AnatSSLLib.networks.LDNet`.
     """
@@ -1156,6 +1225,7 @@ class LDTask:
         negatives: str = "batch",
         w_cons: float = 0.0,
         padding_mode: str = "zeros",
+        w_dense: float = 0.0,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise InputError(f"LDTask spatial_dims: expected 2 or 3, got {spatial_dims!r}")
@@ -1175,7 +1245,7 @@ class LDTask:
         self.loss_fn = LDLoss(
             stage=self.stage, grid=grid, tau=tau, tau_r=tau_r, w_rd=w_rd, w_ent=w_ent,
             w_area=w_area, w_pix=w_pix, pooling=pooling, sigma=sigma, negatives=negatives,
-            w_cons=w_cons,
+            w_cons=w_cons, w_dense=w_dense,
         )
         self.sampler = sampler
         self.augment = dict(augment or {})
