@@ -151,6 +151,15 @@ def test_entropy_one_hot_zero_uniform_half_one_bit():
     assert entropy_loss(q).item() == pytest.approx(2 - 0.75 * math.log2(3), rel=1e-12)
 
 
+def test_entropy_gradient_is_finite_at_one_hot_voxels():
+    # float32 assignments reach exactly 0 and 1 at confident voxels; the gradient must stay finite
+    a = torch.tensor([[[1.0, 0.5]], [[0.0, 0.5]]], dtype=torch.float32).unsqueeze(0).requires_grad_(True)  # 1, K=2, 1, 2
+    loss = entropy_loss(a)
+    loss.backward()
+    assert torch.isfinite(a.grad).all()
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)  # voxel 1 one-hot (0 bits), voxel 2 half (1 bit)
+
+
 def test_area_balance_loss():
     uniform = torch.full((2, 4, 4, 4), 0.25)
     assert area_balance_loss(uniform).item() == pytest.approx(0.0, abs=1e-12)

@@ -856,11 +856,15 @@ def entropy_loss(assignment: Tensor) -> Tensor:
 
         L_ent = mean[ -a log2 a - (1 - a) log2(1 - a) ]
 
-    (METHODS.md 2.3; reference ``loss_entropy``, which adds 1e-30 inside the logs; we use
-    ``0 log 0 = 0`` exactly, in at least float32). 0 for one-hot assignments, 1 for a = 0.5.
+    (METHODS.md 2.3; reference ``loss_entropy``), in at least float32, with the reference's 1e-30
+    inside the logs: the value is the same to 1e-29, and the gradient stays finite where a voxel's
+    assignment is exactly one-hot. (``xlogy``, exact at 0, has a 0/0 gradient there: in float32 a
+    confident voxel reaches ``a = 1`` exactly, and one such voxel had turned every weight NaN in
+    two of our runs.) 0 for one-hot assignments, 1 for a = 0.5.
     """
     a = assignment.to(torch.promote_types(assignment.dtype, torch.float32))
-    return -(torch.special.xlogy(a, a) + torch.special.xlogy(1 - a, 1 - a)).mean() / math.log(2.0)
+    tiny = 1e-30
+    return -(a * torch.log(a + tiny) + (1 - a) * torch.log(1 - a + tiny)).mean() / math.log(2.0)
 
 
 def area_balance_loss(assignment: Tensor, target: float | None = None) -> Tensor:
