@@ -1190,7 +1190,9 @@ class LDTask:
             view 1 (A1, B1 and the mixup) is made from the first, view 2 (A2, B2) from the second.
             Our extension for multi-contrast MRI, not in the paper (whose data are one modality):
             another contrast of the same anatomy is a stronger photometric augmentation than
-            intensity jitter, and it is what makes T1 and T2 embeddings of one place agree.
+            intensity jitter, meant to make the T1 and T2 embeddings of one place agree (at our
+            CPU budget they still do not: benchmarks/README.md, "Two attempts at a
+            contrast-invariant embedding").
         augment: extra keyword arguments for :func:`make_ld_batch`.
         manifest: extra manifest fields (``spacing``, ``intensity``, ``data_fingerprint``, ...).
         init_state: weights to start from (stage "ld" starts from the trained stage "pd" network,
