@@ -949,8 +949,8 @@ def dense_correspondence_loss(
     Returns:
         scalar tensor (0 when no image has two valid points).
     """
-    d = e1.ndim - 2
-    if e1.shape != e2.shape or d not in (2, 3):
+    d = _check_embedding(e1, "dense_correspondence_loss e1")
+    if e1.shape != e2.shape:
         raise InputError(f"dense_correspondence_loss: expected two equal B,D,*S embeddings, got {tuple(e1.shape)}, {tuple(e2.shape)}")
     shape = tuple(e1.shape[2:])
     axes = [torch.arange(stride // 2, s, stride, dtype=e1.dtype, device=e1.device) for s in shape]
