@@ -78,6 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--view-remap", type=float, default=0.0, metavar="P",
                    help="LD: with probability P pass each view through a random intensity transfer function, so that "
                         "the embedding does not depend on the contrast (our extension; default 0: off)")
+    p.add_argument("--no-view-flip", action="store_true",
+                   help="LD: do not flip the second view or turn it by quarter turns (the paper does, for images with no "
+                        "canonical orientation; use with --canonical-orientation; our option)")
     p.add_argument("--region-consistency", type=float, default=0.0, metavar="WEIGHT",
                    help="LD stage: weight of a term asking the same place to fall in the same cluster in both views "
                         "(our option; needs --view-shift/--view-turn/--view-zoom; default 0: off, as the paper)")
@@ -205,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         paired_contrasts=not args.no_paired_contrasts, canonical_orientation=args.canonical_orientation,
         view_warp_vox=args.view_warp, view_shift=args.view_shift,
         view_turn_deg=args.view_turn, view_zoom=args.view_zoom, pd_negatives=args.pd_negatives,
-        view_blur=args.view_blur, view_noise=args.view_noise, view_remap=args.view_remap, region_consistency=args.region_consistency,
+        view_blur=args.view_blur, view_noise=args.view_noise, view_remap=args.view_remap, view_flip=not args.no_view_flip, region_consistency=args.region_consistency,
         padding_mode=args.padding, cross_subject_neighbours=args.cross_subject,
         bias_field_std=args.bias_field, dense_contrast=args.dense_contrast, init_encoder=args.init,
         seed=args.seed, device=args.device,
@@ -222,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.no_cafa or args.no_generative or args.views != "same" or args.matcher) and args.method != "alice":
         raise InputError("--views, --matcher, --no-cafa and --no-generative are Alice options; use them with --method alice")
     ld_only = (args.cross_subject, args.bias_field, args.view_warp, args.view_shift, args.view_turn, args.view_zoom,
-               args.pd_negatives != "batch", args.view_blur, args.view_noise, args.view_remap, args.region_consistency,
+               args.pd_negatives != "batch", args.view_blur, args.view_noise, args.view_remap, args.no_view_flip, args.region_consistency,
                args.padding != "zeros", args.dense_contrast, args.init)
     if any(ld_only) and args.method != "ld":
         raise InputError("--cross-subject, --bias-field, --pd-negatives, --padding, --dense-contrast, --init and the --view-* "
