@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime
 import numpy as np
 
 from . import __version__
-from .baselines import MethodUnavailable, NCCPatchMatching, RegistrationLandmarks, RegistrationSegmentation
+from .baselines import MethodUnavailable, NCCPatchMatching, RegisteredNCC, RegistrationLandmarks, RegistrationSegmentation
 from .errors import AnatSSLError, InputError
 from .image import Image
 from .metrics import dice_per_label, precision_at_k, radial_errors, summarize_errors
@@ -162,6 +162,9 @@ LANDMARK_METHODS: dict[str, Callable[..., LandmarkMethod]] = {
     "bspline": _registration_landmarks("bspline"),
     "syn": _registration_landmarks("syn"),
     "ncc": _ncc,
+    # NCC from the registration affine on the target mapped into the reference's contrast: the
+    # landmark tool's cross-contrast pipeline with raw intensities in place of the embedding
+    "ncc+registration+contrast": lambda encoder=None, **options: RegisteredNCC(match_contrast=True, **options),
 }
 
 #: Segmentation methods by name: ``factory(encoder=None, **options) -> SegmentationMethod``.

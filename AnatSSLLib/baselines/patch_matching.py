@@ -26,7 +26,7 @@ from ..image import Image
 from ..peaks import subvoxel_peak
 from ..points import PointSet
 
-__all__ = ["NCCLevel", "NCCPatchMatching", "ncc_map"]
+__all__ = ["NCCLevel", "NCCPatchMatching", "RegisteredNCC", "ncc_map"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,13 +177,19 @@ class NCCPatchMatching:
             )
         self._centroid = sampler.centroid()
 
-    def locate(self, target: Image) -> PointSet:
-        """Best NCC match of every prepared landmark in ``target`` (LPS mm, with NCC confidence)."""
+    def locate(self, target: Image, start: np.ndarray | None = None) -> PointSet:
+        """Best NCC match of every prepared landmark in ``target`` (LPS mm, with NCC confidence).
+
+        ``start``: ``(N, 3)`` LPS mm where each landmark's search begins (default: ``init``'s guess).
+        """
         if self._patches is None or self._points is None:
             raise InputError("ncc: call prepare(reference, points) before locate(target)")
         sampler = _Sampler(target)
-        shift = sampler.centroid() - self._centroid if self.init == "centroid" else np.zeros(3)
-        current = self._points.positions + shift
+        if start is not None:
+            current = np.array(start, dtype=float).reshape(len(self._points), -1)
+        else:
+            shift = sampler.centroid() - self._centroid if self.init == "centroid" else np.zeros(3)
+            current = self._points.positions + shift
         score = np.zeros(len(self._points))
         for level, patches in zip(self.levels, self._patches):
             half = level.patch_half + level.search_half
@@ -197,3 +203,41 @@ class NCCPatchMatching:
                 current[n] = current[n] + step
                 score[n] = float(ncc[best])
         return PointSet(list(self._points.labels), current, descriptions=self._points.descriptions, confidence=score)
+
+
+class RegisteredNCC(NCCPatchMatching):
+    """NCC patch matching started from a SimpleITK affine registration (Mattes MI) instead of the
+    centroid shift, optionally on the target mapped into the reference's contrast
+    (:mod:`AnatSSLLib.contrast`): the landmark tool's cross-contrast pipeline with raw-intensity NCC
+    in place of the embedding, as a baseline for it.
+
+    Args:
+        match_contrast: map each target's intensities into the reference's contrast first.
+        levels: as :class:`NCCPatchMatching`; default: 4 mm grid, 32 mm patch, +-12 mm search (the
+            affine is a few mm off, and a wider search finds far look-alikes: +-36 mm, the centroid
+            start's, gave a 14.5 mm mean against 3.4 mm median, template T1 -> 4 T2 subjects), then
+            2 mm grid, 16 mm patch, +-6 mm search.
+    """
+
+    def __init__(self, match_contrast: bool = True, levels: list[NCCLevel] | None = None):
+        super().__init__(levels=levels or [NCCLevel(4.0, 32.0, 12.0), NCCLevel(2.0, 16.0, 6.0)], init="none")
+        self.match_contrast = bool(match_contrast)
+        self.name = "ncc+registration" + ("+contrast" if self.match_contrast else "")
+        self.description = "NCC patch matching from a MI affine" + (" on the target in the reference's contrast" if match_contrast else "")
+        self._reference: Image | None = None
+
+    def prepare(self, reference: Image, ref_points: PointSet) -> None:
+        super().prepare(reference, ref_points)
+        self._reference = reference
+
+    def locate(self, target: Image, start: np.ndarray | None = None) -> PointSet:
+        if self._reference is None or self._points is None:
+            raise InputError(f"{self.name}: call prepare(reference, points) before locate(target)")
+        from ..contrast import fit_intensity_transfer, map_points
+        from ..tools.correspondence import affine_from_sitk
+        from .registration import register
+
+        affine = affine_from_sitk(register(self._reference, target, "affine"))  # reference -> target
+        if self.match_contrast:
+            target = fit_intensity_transfer(target, self._reference, affine).apply(target)
+        return super().locate(target, start=map_points(affine, self._points.positions) if start is None else start)

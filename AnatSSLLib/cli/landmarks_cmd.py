@@ -29,6 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--initial-alignment", choices=("embedding", "registration"), default="embedding",
                    help="where matching starts: the embedding's own global affine (default), or a mutual-information "
                         "affine registration (for targets of another contrast than the reference)")
+    p.add_argument("--match-contrast", action="store_true",
+                   help="targets of another contrast than the reference (e.g. T1 points, T2 targets): map each target's "
+                        "intensities into the reference's contrast (joint histogram under a mutual-information affine) "
+                        "before matching; use with --initial-alignment registration")
     p.add_argument("--no-whiten", action="store_true",
                    help="match the raw embedding instead of each volume's whitened one (ablation)")
     p.add_argument("--min-confidence", type=float, default=0.0, help="report points below this confidence as uncertain")
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     locator = LandmarkLocator(EmbeddingStore(encoder, whiten=not args.no_whiten), sigmas_mm=sigmas, search_radius_mm=args.search_radius,
-                              initial_alignment=args.initial_alignment)
+                              initial_alignment=args.initial_alignment, match_contrast=args.match_contrast)
     for path, stem in tqdm(list(zip(args.targets, stems)), desc="landmarks", unit="target"):
         target = read_image(path)
         found = locator.locate(reference, points, [target])[0]

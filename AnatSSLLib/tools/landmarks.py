@@ -77,6 +77,15 @@ class LandmarkLocator:
             ``"embedding"`` (the global affine from embedding matches) or ``"registration"`` (a
             SimpleITK Mattes mutual-information affine registration, then the embedding's local
             levels: for targets of another contrast, where the embedding's global matches are weak).
+        match_contrast: with ``"correspondence"``, map each target's intensities into the
+            reference's contrast before matching (:mod:`AnatSSLLib.contrast`: the transfer function
+            ``E[reference | target]`` read off the two volumes under a SimpleITK affine registration,
+            :meth:`~AnatSSLLib.tools.correspondence.EmbeddingCorrespondence.registered_affine`),
+            so that a T1 reference is matched to a pseudo-T1 copy of a T2 target. For targets of
+            another contrast than the reference (our addition; measured in ``benchmarks/README.md``).
+        contrast_passes: with ``match_contrast``, how many times the transfer function is fitted:
+            the first under the affine, each further one through the previous dense correspondence
+            (then the target is matched again).
     """
 
     store: EmbeddingStore
@@ -84,6 +93,8 @@ class LandmarkLocator:
     search_radius_mm: float = 12.0
     strategy: str = "correspondence"
     initial_alignment: str = "embedding"
+    match_contrast: bool = False
+    contrast_passes: int = 1
     _maps: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +104,8 @@ class LandmarkLocator:
             raise InputError(
                 f"landmark initial alignment must be 'embedding' or 'registration', got {self.initial_alignment!r}"
             )
+        if int(self.contrast_passes) < 1:
+            raise InputError(f"contrast_passes must be at least 1, got {self.contrast_passes!r}")
 
     def locate(
         self,
@@ -118,11 +131,10 @@ class LandmarkLocator:
         ref = self.store.get(reference)
         results = []
         for n, target in enumerate(targets):
-            tgt = self.store.get(target)
             if self.strategy == "correspondence":
-                positions, conf = self._carry(reference, ref, points.positions, target, tgt)
+                positions, conf = self._carry(reference, ref, points.positions, target)
             else:
-                positions, conf = self._match(ref, points.positions, tgt)
+                positions, conf = self._match(ref, points.positions, self.store.get(target))
             results.append(
                 PointSet(
                     labels=list(points.labels),
@@ -147,27 +159,43 @@ class LandmarkLocator:
         for sigma in sorted(sigmas):
             ref.smoothed_features(sigma)
 
-    def _carry(self, reference: Image, ref: EmbeddedVolume, ref_lps: np.ndarray, target: Image, tgt: EmbeddedVolume):
+    def _carry(self, reference: Image, ref: EmbeddedVolume, ref_lps: np.ndarray, target: Image):
         """Points through the cached dense correspondence reference -> target, with confidences."""
         from ..embedding import volume_key
-        from .correspondence import EmbeddingCorrespondence
 
-        key = (volume_key(reference), volume_key(target), self.initial_alignment)
+        key = (volume_key(reference), volume_key(target), self.initial_alignment, self.match_contrast, int(self.contrast_passes))
         if key not in self._maps:
-            initial = None
-            if self.initial_alignment == "registration":
-                from ..baselines.registration import register
-                from .correspondence import affine_from_sitk
-
-                initial = affine_from_sitk(register(reference, target, "affine"))  # reference -> target
-            self._maps[key] = EmbeddingCorrespondence(self.store).match(reference, target, initial_affine=initial)
+            self._maps[key] = self._correspondence(reference, target)
             while len(self._maps) > 4 * self.store.max_volumes:
                 self._maps.pop(next(iter(self._maps)))
-        positions = self._maps[key].transform_points(ref_lps)
+        corr, matched = self._maps[key]
+        positions = corr.transform_points(ref_lps)
         sigma = min(self.sigmas_mm)
+        tgt = self.store.get(matched)
         support = _sample_trilinear(ref.smoothed_features(sigma), ref.grid.physical_to_index(ref_lps)[:, ::-1])
         found = _sample_trilinear(tgt.smoothed_features(sigma), tgt.grid.physical_to_index(positions)[:, ::-1])
         return positions, (support * found).sum(dim=1).numpy()
+
+    def _correspondence(self, reference: Image, target: Image):
+        """The dense map reference -> target, and the volume it was matched on (``target``, or its
+        copy in the reference's contrast with ``match_contrast``)."""
+        from .correspondence import EmbeddingCorrespondence
+
+        matcher = EmbeddingCorrespondence(self.store)
+        affine = None
+        if self.initial_alignment == "registration" or self.match_contrast:
+            affine = matcher.registered_affine(reference, target)
+        start = affine if self.initial_alignment == "registration" else None
+        if not self.match_contrast:
+            return matcher.match(reference, target, initial_affine=start), target
+        from ..contrast import fit_intensity_transfer
+
+        through = affine  # the first transfer is read through the registration affine
+        for _ in range(int(self.contrast_passes)):
+            matched = fit_intensity_transfer(target, reference, through).apply(target)
+            corr = matcher.match(reference, matched, initial_affine=start)
+            through = corr.transform_points
+        return corr, matched
 
     def carry(self, reference: Image, point_lps: np.ndarray, target: Image) -> tuple[np.ndarray, float]:
         """One point of ``reference`` (LPS mm) found in ``target`` by :meth:`locate` (with the default
@@ -252,6 +280,8 @@ class EncoderLandmarks:
         self.name = "random-encoder" if random_weights else "encoder"
         if options.get("initial_alignment") == "registration":
             self.name += "+registration"
+        if options.get("match_contrast"):
+            self.name += "+contrast"
         if not whiten:
             self.name += "-raw"
         self.locator = LandmarkLocator(EmbeddingStore(enc, whiten=whiten), **options)
@@ -283,6 +313,15 @@ def _register_benchmark_methods() -> None:
     bench.LANDMARK_METHODS.setdefault(
         "encoder+registration",
         lambda encoder=None, **o: EncoderLandmarks(encoder, initial_alignment="registration", **o),
+    )
+    bench.LANDMARK_METHODS.setdefault(
+        "encoder+registration+contrast",
+        lambda encoder=None, **o: EncoderLandmarks(encoder, initial_alignment="registration", match_contrast=True, **o),
+    )
+    bench.LANDMARK_METHODS.setdefault(
+        "random-encoder+registration+contrast",
+        lambda encoder=None, **o: EncoderLandmarks(encoder, random_weights=True, initial_alignment="registration",
+                                                   match_contrast=True, **o),
     )
     # the ablation: the raw embedding, as before per-volume whitening
     bench.LANDMARK_METHODS.setdefault("encoder-raw", lambda encoder=None, **o: EncoderLandmarks(encoder, whiten=False, **o))
