@@ -128,6 +128,35 @@ def test_bad_input(segmenter, small, random_encoder):
             CrossModalitySegmenter(EmbeddingStore(other))
 
 
+def test_appearance_em_separates_two_classes_the_prior_leaves_open():
+    from AnatSSLLib.tools.segmentation import appearance_em
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 500)
+    feats = np.where(truth == 1, 3.0, 0.0)[:, None] + rng.normal(0, 0.5, (1000, 1))  # classes 6 sigma apart
+    prior = np.full((1000, 2), 0.5)
+    prior[:50] = [0.9, 0.1]  # a weak hint which class is which, on a few voxels of each
+    prior[500:550] = [0.1, 0.9]
+    post = appearance_em(prior, feats, weight=1.0, iterations=10).numpy()
+    assert np.allclose(post.sum(1), 1.0, atol=1e-5)
+    assert (post.argmax(1) == truth).mean() > 0.99
+    # weight 0: the prior unchanged; a confident prior wins over a weak likelihood
+    assert np.allclose(appearance_em(prior, feats, weight=0.0).numpy(), prior)
+    sure = np.tile([0.999, 0.001], (1000, 1))
+    assert (appearance_em(sure, feats, weight=0.05).numpy().argmax(1) == 0).all()
+    with pytest.raises(InputError, match="appearance_em"):
+        appearance_em(prior, feats[:10])
+
+
+def test_gaussian_likelihood_options_are_checked(segmenter):
+    from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
+
+    with pytest.raises(InputError, match="likelihood must be"):
+        CrossModalitySegmenter(segmenter.store, likelihood="kmeans")
+    with pytest.raises(InputError, match="appearance must name"):
+        CrossModalitySegmenter(segmenter.store, likelihood="gaussian", appearance=("texture",))
+
+
 def test_robust_affine_fit_ignores_outliers():
     from AnatSSLLib.tools.correspondence import fit_affine_ransac
 

@@ -13,6 +13,14 @@ label map) and the same targets:
   affine (``initial_alignment="registration"``), then the embedding's local levels;
 - ``random`` / ``random+hybrid``: the same tool (embedding / registration start) with a random-weight
   encoder of the same architecture and manifest;
+- ``<method>+em`` for any of the four above: the same prior, then the target's own appearance model
+  (``likelihood="gaussian"``: one Gaussian per class over ``--appearance``, re-estimated by EM,
+  :func:`AnatSSLLib.tools.segmentation.appearance_em`, exponent ``--em-weight``);
+- ``hybrid+contrast`` / ``hybrid+contrast+em`` / ``random+hybrid+contrast+em``: the registration
+  start, with the target's intensities first mapped into the reference's contrast
+  (``match_contrast=True``, :mod:`AnatSSLLib.contrast`), then the embedding's local levels (and EM);
+- ``affine+em``: the same EM on the prior of the SimpleITK affine alone (no encoder): what the
+  appearance model gives without the embedding's correspondence;
 - ``affine`` / ``bspline``: registration-based label propagation (SimpleITK affine, then affine +
   B-spline, Mattes MI; :mod:`AnatSSLLib.baselines.registration`, target fixed, reference moving,
   nearest-neighbour labels). One B-spline registration gives both (its first stage is the affine),
@@ -61,6 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=10, help="first N subjects")
     p.add_argument("--methods", default="embedding,embedding+likelihood,random,bspline")
     p.add_argument("--likelihood-weight", type=float, default=1.0)
+    p.add_argument("--em-weight", type=float, default=2.0, help="likelihood exponent of the '+em' methods")
+    p.add_argument("--appearance", default="intensity", help="features of the '+em' methods: intensity and/or embedding")
+    p.add_argument("--contrast-passes", type=int, default=1, help="transfer-function fits of the '+contrast' methods")
     p.add_argument("--whiten", action="store_true", help="whiten each volume's embedding (EmbeddingStore(whiten=True))")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared, loaded CPU)")
     p.add_argument("--out", default="benchmarks/results/segmentation.json")
@@ -79,6 +90,7 @@ def main(argv=None) -> int:
     from AnatSSLLib.embedding import EmbeddingStore
     from AnatSSLLib.encoders import load_encoder, random_weights_like
     from AnatSSLLib.metrics import dice_per_label
+    from AnatSSLLib.tools.correspondence import EmbeddingCorrespondence
     from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
 
     torch.set_num_threads(args.threads)
@@ -89,15 +101,29 @@ def main(argv=None) -> int:
     cache = EncoderCache(args.cache_dir) if args.cache_dir else EncoderCache()
     enc = load_encoder(args.encoder, cache=cache, device="cpu")
     segmenters = {}
-    if {"embedding", "embedding+likelihood", "hybrid"} & set(methods):
+    em = dict(likelihood="gaussian", likelihood_weight=args.em_weight,
+              appearance=tuple(a.strip() for a in args.appearance.split(",") if a.strip()))
+    contrast = dict(initial_alignment="registration", match_contrast=True, contrast_passes=args.contrast_passes)
+    if {"embedding", "embedding+likelihood", "hybrid", "embedding+em", "hybrid+em", "affine+em", "hybrid+contrast",
+            "hybrid+contrast+em"} & set(methods):
         store = EmbeddingStore(enc, whiten=args.whiten)
         segmenters["embedding"] = CrossModalitySegmenter(store)
         segmenters["embedding+likelihood"] = CrossModalitySegmenter(store, likelihood_weight=args.likelihood_weight)
         segmenters["hybrid"] = CrossModalitySegmenter(store, initial_alignment="registration")
-    if "random" in methods or "random+hybrid" in methods:
+        segmenters["embedding+em"] = CrossModalitySegmenter(store, **em)
+        segmenters["hybrid+em"] = CrossModalitySegmenter(store, initial_alignment="registration", **em)
+        segmenters["hybrid+contrast"] = CrossModalitySegmenter(store, **contrast)
+        segmenters["hybrid+contrast+em"] = CrossModalitySegmenter(store, **contrast, **em)
+        # the registration affine alone as the prior (no local embedding levels): the encoder-free EM
+        segmenters["affine+em"] = CrossModalitySegmenter(store, correspondence=EmbeddingCorrespondence(store, levels=()),
+                                                         initial_alignment="registration", **em)
+    if {"random", "random+hybrid", "random+em", "random+hybrid+em", "random+hybrid+contrast+em"} & set(methods):
         rstore = EmbeddingStore(random_weights_like(enc), whiten=args.whiten)
         segmenters["random"] = CrossModalitySegmenter(rstore)
         segmenters["random+hybrid"] = CrossModalitySegmenter(rstore, initial_alignment="registration")
+        segmenters["random+em"] = CrossModalitySegmenter(rstore, **em)
+        segmenters["random+hybrid+em"] = CrossModalitySegmenter(rstore, initial_alignment="registration", **em)
+        segmenters["random+hybrid+contrast+em"] = CrossModalitySegmenter(rstore, **contrast, **em)
     for s in segmenters.values():
         s.store.get(ref)
     report = {
@@ -142,7 +168,7 @@ def main(argv=None) -> int:
                 dt = time.perf_counter() - t0
                 run[m]["per_target"][subject.name] = dice_per_label(pred, truth, ALL)
                 run[m]["seconds"][subject.name] = dt
-                if m in ("embedding", "random", "hybrid", "random+hybrid"):
+                if m in ("embedding", "random", "hybrid", "random+hybrid", "hybrid+contrast") or m.endswith("+em"):
                     c = seg.last_correspondences[0]
                     run[m].setdefault("matches", {})[subject.name] = {
                         "global": c.global_matches, "affine_inliers": c.affine_inliers, "dense": int(len(c.confidence))}

@@ -37,7 +37,7 @@ from ..errors import InputError
 from ..image import Image, check_volume
 from .correspondence import Correspondence, EmbeddingCorrespondence, _gaussian_volume, sample_field
 
-__all__ = ["CrossModalitySegmenter", "EmbeddingSegmentation", "SUPPORTED_METHODS", "check_reference_labels", "segment_volumes"]
+__all__ = ["CrossModalitySegmenter", "appearance_em", "EmbeddingSegmentation", "SUPPORTED_METHODS", "check_reference_labels", "segment_volumes"]
 
 #: Pretraining methods whose encoders give dense per-voxel embeddings the tool can use.
 SUPPORTED_METHODS = ("ld", "alice")
@@ -90,9 +90,24 @@ class CrossModalitySegmenter:
         correspondence: the dense matcher (default: :class:`EmbeddingCorrespondence` on ``store``).
         prior_sigma_mm: smoothing of the reference one-hot labels before warping (mm; 0: none).
         prior_weight: α, the exponent of the shape prior.
-        likelihood_weight: β, the exponent of the region-embedding likelihood (0: prior only).
-        temperature: τ of the likelihood softmax (LD uses 0.2).
-        em_iterations: re-estimations of the target's region embeddings from the posterior.
+        likelihood_weight: β, the exponent of the appearance likelihood (0: prior only).
+        likelihood: ``"region"`` (LD's prediction 2: cosine to the target's region embeddings, a
+            softmax at ``temperature``) or ``"gaussian"`` (one Gaussian per class over the
+            ``appearance`` features of the target, :func:`appearance_em`).
+        appearance: with ``"gaussian"``, the features: ``"intensity"`` (the target's normalised
+            intensity on its own grid) and/or ``"embedding"`` (the first ``embedding_components``
+            principal components of its embedding).
+        embedding_components: how many principal components of the embedding ``"embedding"`` takes.
+        temperature: τ of the region likelihood's softmax (LD uses 0.2).
+        em_iterations: re-estimations of the target's class models from the posterior.
+        match_contrast: map the target's intensities into the reference's contrast before the dense
+            matching (:mod:`AnatSSLLib.contrast`: the transfer function ``E[reference | target]``
+            read off the two volumes under a SimpleITK affine registration), so that a T1 reference
+            is matched to a pseudo-T1 copy of a T2 target (our addition). The appearance model
+            still reads the target as it is.
+        contrast_passes: with ``match_contrast``, how many times the transfer function is fitted:
+            the first under the affine, each further one through the previous dense correspondence
+            (then the target is matched again).
         initial_alignment: ``"embedding"`` (the global affine from embedding matches) or
             ``"registration"`` (a SimpleITK Mattes-MI affine registration, then the embedding's
             local levels: a hybrid for encoders whose global matches are weak).
@@ -103,9 +118,14 @@ class CrossModalitySegmenter:
     prior_sigma_mm: float = 1.0
     prior_weight: float = 1.0
     likelihood_weight: float = 0.0
+    likelihood: str = "region"
+    appearance: Sequence[str] = ("intensity",)
+    embedding_components: int = 8
     temperature: float = 0.2
     em_iterations: int = 2
     initial_alignment: str = "embedding"
+    match_contrast: bool = False
+    contrast_passes: int = 1
 
     def __post_init__(self) -> None:
         enc = self.store.encoder
@@ -120,6 +140,14 @@ class CrossModalitySegmenter:
             )
         if self.initial_alignment not in ("embedding", "registration"):
             raise InputError(f"initial_alignment must be 'embedding' or 'registration', got {self.initial_alignment!r}")
+        if int(self.contrast_passes) < 1:
+            raise InputError(f"contrast_passes must be at least 1, got {self.contrast_passes!r}")
+        if self.likelihood not in ("region", "gaussian"):
+            raise InputError(f"likelihood must be 'region' or 'gaussian', got {self.likelihood!r}")
+        self.appearance = tuple(self.appearance)
+        unknown = [a for a in self.appearance if a not in ("intensity", "embedding")]
+        if unknown or not self.appearance:
+            raise InputError(f"appearance must name 'intensity' and/or 'embedding', got {list(self.appearance)}")
         if self.correspondence is None:
             self.correspondence = EmbeddingCorrespondence(self.store)
         self.last_correspondences: list[Correspondence] = []
@@ -198,13 +226,20 @@ class CrossModalitySegmenter:
         """``(N, K)`` posterior over ``classes`` for every target voxel (``array.ravel()`` order)."""
         import torch
 
-        initial = None
-        if self.initial_alignment == "registration":
-            from ..baselines.registration import register
-            from .correspondence import affine_from_sitk
+        affine = None
+        if self.initial_alignment == "registration" or self.match_contrast:
+            affine = self.correspondence.registered_affine(target, ref)  # target -> reference
+        start = affine if self.initial_alignment == "registration" else None
+        if self.match_contrast:
+            from ..contrast import fit_intensity_transfer
 
-            initial = affine_from_sitk(register(target, ref, "affine"))
-        corr = self.correspondence.match(fixed=target, moving=ref, initial_affine=initial)
+            through = affine  # the first transfer is read through the registration affine
+            for _ in range(int(self.contrast_passes)):
+                fixed = fit_intensity_transfer(target, ref, source_to_reference=through).apply(target)
+                corr = self.correspondence.match(fixed=fixed, moving=ref, initial_affine=start)
+                through = corr.transform_points
+        else:
+            corr = self.correspondence.match(fixed=target, moving=ref, initial_affine=start)
         self.last_correspondences.append(corr)
         from ..embedding import volume_key
 
@@ -227,7 +262,41 @@ class CrossModalitySegmenter:
         return self._with_likelihood(ref, ref_arr, classes, target, prior)
 
     def _with_likelihood(self, ref: Image, ref_arr: np.ndarray, classes: np.ndarray, target: Image, prior):
-        """Prior × region-embedding likelihood, with the target's region embeddings re-estimated (EM)."""
+        """Prior × appearance likelihood on the target, the target's class models re-estimated (EM)."""
+        if self.likelihood == "gaussian":
+            return appearance_em(prior, self._appearance(target), weight=self.likelihood_weight,
+                                 prior_weight=self.prior_weight, iterations=self.em_iterations)
+        return self._region_likelihood(ref, ref_arr, classes, target, prior)
+
+    def _appearance(self, target: Image):
+        """``(N, F)`` appearance features of every target voxel (``array.ravel()`` order), each
+        standardised over the target's anatomy: its normalised intensity on its own grid and/or the
+        first principal components of its (whitened) embedding."""
+        import torch
+
+        from ..encoders import normalise_intensity
+
+        intensity = torch.as_tensor(normalise_intensity(target.array).reshape(-1, 1))
+        anatomy = intensity[:, 0] > 0.1
+        if int(anatomy.sum()) < 10:
+            anatomy = torch.ones_like(anatomy)
+        parts = []
+        if "intensity" in self.appearance:
+            parts.append(intensity)
+        if "embedding" in self.appearance:
+            te = self.store.get(target)
+            kji = te.grid.physical_to_index(_voxel_lps(target))[:, ::-1]
+            emb = sample_field(te.features, kji)  # N, D
+            mean = emb[anatomy].mean(0)
+            q = min(self.embedding_components, emb.shape[1])
+            _, _, v = torch.pca_lowrank(emb[anatomy] - mean, q=q, center=False)
+            parts.append((emb - mean) @ v[:, :q])
+        feats = torch.cat(parts, dim=1).float()
+        mean, std = feats[anatomy].mean(0), feats[anatomy].std(0).clamp_min(1e-6)
+        return (feats - mean) / std
+
+    def _region_likelihood(self, ref: Image, ref_arr: np.ndarray, classes: np.ndarray, target: Image, prior):
+        """LD's "prediction 2": ``softmax_k(e(x)·r_k / τ)`` with region embeddings re-estimated on the target."""
         import torch
         import torch.nn.functional as F
 
@@ -252,6 +321,52 @@ class CrossModalitySegmenter:
             loglik = torch.log_softmax(e @ r.T / self.temperature, dim=1)
             post = torch.softmax(log_prior + self.likelihood_weight * loglik, dim=1)
         return post
+
+
+def appearance_em(prior, features, weight: float = 1.0, prior_weight: float = 1.0, iterations: int = 6,
+                  min_variance: float = 1e-3):
+    """Posterior over K classes from a spatial prior and one Gaussian appearance model per class, by EM.
+
+    The atlas-guided EM of classical brain segmentation (Van Leemput et al., IEEE TMI 1999;
+    Ashburner and Friston, NeuroImage 2005), with the warped reference labels as the atlas::
+
+        q_k(x) ∝ prior_k(x)^α · [ Π_f N(f(x); μ_kf, σ²_kf) ]^β        (E-step)
+        μ_kf = Σ_x q_k(x) f(x) / Σ_x q_k(x),  σ²_kf = Σ_x q_k(x) (f(x) − μ_kf)² / Σ_x q_k(x)   (M-step)
+
+    starting from ``q = prior``. The class models are the *target's own* (another contrast than the
+    reference is no obstacle): the reference gives the shapes, the target how each class looks.
+
+    Args:
+        prior: ``(N, K)`` non-negative, rows summing to 1.
+        features: ``(N, F)`` appearance of each voxel (standardised features: ``min_variance`` is in
+            their units).
+        weight: β, the likelihood's exponent (0 returns the prior). prior_weight: α.
+        iterations: E-steps after the first M-step.
+        min_variance: floor of every σ².
+
+    Returns:
+        ``(N, K)`` posterior, rows summing to 1.
+    """
+    import torch
+
+    prior = torch.as_tensor(prior, dtype=torch.float32)
+    feats = torch.as_tensor(features, dtype=torch.float32)
+    if prior.ndim != 2 or feats.ndim != 2 or prior.shape[0] != feats.shape[0]:
+        raise InputError(f"appearance_em: expected prior (N, K) and features (N, F), got {tuple(prior.shape)} and {tuple(feats.shape)}")
+    if weight <= 0:
+        return prior
+    log_prior = prior_weight * torch.log(prior + 1e-6)
+    post = prior
+    for _ in range(max(1, int(iterations))):
+        mass = post.sum(0).clamp_min(1e-6)[:, None]  # K, 1
+        mu = post.T @ feats / mass  # K, F
+        var = (post.T @ feats.square() / mass - mu.square()).clamp_min(min_variance)
+        # log N summed over features, as -(f²/σ² - 2fμ/σ² + μ²/σ²)/2 - log σ: three (N, F) @ (F, K) products
+        inv = 1.0 / var
+        loglik = -0.5 * (feats.square() @ inv.T - 2.0 * feats @ (mu * inv).T + (mu.square() * inv).sum(1)) \
+            - 0.5 * torch.log(var).sum(1)
+        post = torch.softmax(log_prior + weight * loglik, dim=1)
+    return post
 
 
 # ---- benchmark protocol ---------------------------------------------------------------------------
