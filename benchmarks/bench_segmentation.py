@@ -16,7 +16,7 @@ label map) and the same targets:
 - ``<method>+em`` for any of the four above: the same prior, then the target's own appearance model
   (``likelihood="gaussian"``: one Gaussian per class over ``--appearance``, re-estimated by EM,
   :func:`AnatSSLLib.tools.segmentation.appearance_em`, exponent ``--em-weight``);
-- ``hybrid+contrast`` / ``hybrid+contrast+em`` / ``random+hybrid+contrast+em``: the registration
+- ``hybrid+contrast`` / ``hybrid+contrast+em`` / ``random+hybrid+contrast[+em]``: the registration
   start, with the target's intensities first mapped into the reference's contrast
   (``match_contrast=True``, :mod:`AnatSSLLib.contrast`), then the embedding's local levels (and EM);
 - ``affine+em``: the same EM on the prior of the SimpleITK affine alone (no encoder): what the
@@ -117,12 +117,13 @@ def main(argv=None) -> int:
         # the registration affine alone as the prior (no local embedding levels): the encoder-free EM
         segmenters["affine+em"] = CrossModalitySegmenter(store, correspondence=EmbeddingCorrespondence(store, levels=()),
                                                          initial_alignment="registration", **em)
-    if {"random", "random+hybrid", "random+em", "random+hybrid+em", "random+hybrid+contrast+em"} & set(methods):
+    if {"random", "random+hybrid", "random+em", "random+hybrid+em", "random+hybrid+contrast", "random+hybrid+contrast+em"} & set(methods):
         rstore = EmbeddingStore(random_weights_like(enc), whiten=args.whiten)
         segmenters["random"] = CrossModalitySegmenter(rstore)
         segmenters["random+hybrid"] = CrossModalitySegmenter(rstore, initial_alignment="registration")
         segmenters["random+em"] = CrossModalitySegmenter(rstore, **em)
         segmenters["random+hybrid+em"] = CrossModalitySegmenter(rstore, initial_alignment="registration", **em)
+        segmenters["random+hybrid+contrast"] = CrossModalitySegmenter(rstore, **contrast)
         segmenters["random+hybrid+contrast+em"] = CrossModalitySegmenter(rstore, **contrast, **em)
     for s in segmenters.values():
         s.store.get(ref)
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
                 dt = time.perf_counter() - t0
                 run[m]["per_target"][subject.name] = dice_per_label(pred, truth, ALL)
                 run[m]["seconds"][subject.name] = dt
-                if m in ("embedding", "random", "hybrid", "random+hybrid", "hybrid+contrast") or m.endswith("+em"):
+                if m in ("embedding", "random", "hybrid", "random+hybrid") or m.endswith(("+em", "+contrast")):
                     c = seg.last_correspondences[0]
                     run[m].setdefault("matches", {})[subject.name] = {
                         "global": c.global_matches, "affine_inliers": c.affine_inliers, "dense": int(len(c.confidence))}
