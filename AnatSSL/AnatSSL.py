@@ -143,6 +143,8 @@ class AnatSSLParameterNode:
     referenceVolume, referenceLandmarks: the reference volume and the points clicked on it.
     targetVolumes: the volumes to find the landmarks in (kept in sync with the checkable list).
     lowConfidence: points below this confidence (cosine similarity) are flagged.
+    matchContrast: the targets have another contrast than the reference (the landmark tool maps
+        each target into the reference's contrast before matching).
     encoderId: the encoder the tools use ("" = the default one).
     searchVolume, searchPoints, searchSegmentation, searchSegmentId: the search query;
     searchQueryKind: what is searched for ("point", "segment" or "volume": the whole volume).
@@ -154,6 +156,7 @@ class AnatSSLParameterNode:
     referenceLandmarks: vtkMRMLMarkupsFiducialNode
     targetVolumes: list[vtkMRMLScalarVolumeNode]
     lowConfidence: Annotated[float, WithinRange(-1.0, 1.0)] = 0.5
+    matchContrast: bool = False
     encoderId: str = ""
     searchVolume: vtkMRMLScalarVolumeNode
     searchPoints: vtkMRMLMarkupsFiducialNode
@@ -519,10 +522,11 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureReady():
             return
         p = self._parameterNode
-        encoderId, device, lowConfidence = p.encoderId, self.device(), float(p.lowConfidence)  # the worker reads no MRML
+        # the worker reads no MRML
+        encoderId, device, lowConfidence, matchContrast = p.encoderId, self.device(), float(p.lowConfidence), bool(p.matchContrast)
         try:
             with slicer.util.WaitCursor():
-                propagator = self.logic.landmarkPropagator(encoderId, device, lowConfidence)
+                propagator = self.logic.landmarkPropagator(encoderId, device, lowConfidence, matchContrast)
                 plan = propagator.prepare(slicer.mrmlScene, p.referenceVolume, p.referenceLandmarks, list(p.targetVolumes))
         except Exception as exc:
             self._reportError(exc, "Landmark propagation")
@@ -531,7 +535,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def work(progress, cancelled):
             return self.logic.withDeviceFallback(
                 lambda prop: prop.compute(plan, progress=progress, cancelled=cancelled),
-                lambda dev: self.logic.landmarkPropagator(encoderId, dev, lowConfidence),
+                lambda dev: self.logic.landmarkPropagator(encoderId, dev, lowConfidence, matchContrast),
                 device)
 
         def finished(result, error):
@@ -835,10 +839,14 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
             self._stores[key] = EmbeddingStore(self.encoder(encoderId, device), whiten=whiten)
         return self._stores[key]
 
-    def landmarkPropagator(self, encoderId: str, device: str, lowConfidence: float = 0.5):
-        key = (encoderId or "", device)
+    def landmarkPropagator(self, encoderId: str, device: str, lowConfidence: float = 0.5, matchContrast: bool = False):
+        """The session's propagator for an encoder; ``matchContrast``: targets of another contrast than the
+        reference are registered and mapped into its contrast first (``AnatSSLLib.contrast``)."""
+        key = (encoderId or "", device, bool(matchContrast))
         if key not in self._propagators:
-            self._propagators[key] = _bridge_module("landmarks").LandmarkPropagator(self.store(encoderId, device, whiten=True))
+            options = {"initial_alignment": "registration", "match_contrast": True} if matchContrast else {}
+            self._propagators[key] = _bridge_module("landmarks").LandmarkPropagator(
+                self.store(encoderId, device, whiten=True), **options)
         propagator = self._propagators[key]
         propagator.low_confidence = float(lowConfidence)
         return propagator
@@ -852,9 +860,12 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
         return self._searches[key]
 
     def crossModalitySegmenter(self, encoderId: str, device: str):
+        """The segmentation tool as the effect runs it: registration start, the target mapped into the
+        reference's contrast (measured best across contrasts and no worse within one: benchmarks/README.md)."""
         from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
 
-        return CrossModalitySegmenter(self.store(encoderId, device, whiten=True))
+        return CrossModalitySegmenter(self.store(encoderId, device, whiten=True), initial_alignment="registration",
+                                      match_contrast=True)
 
     # ---- device and errors ----------------------------------------------------------------------
     @staticmethod
@@ -930,9 +941,9 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
 
     # ---- tools (batch use: blocking) -----------------------------------------------------------
     def propagateLandmarks(self, referenceVolume, referenceLandmarks, targetVolumes, encoderId: str = "",
-                           device: str = "auto", lowConfidence: float = 0.5):
+                           device: str = "auto", lowConfidence: float = 0.5, matchContrast: bool = False):
         """One markups node and table per target (see ``AnatSSLBridge.landmarks``); blocking."""
-        propagator = self.landmarkPropagator(encoderId, device, lowConfidence)
+        propagator = self.landmarkPropagator(encoderId, device, lowConfidence, matchContrast)
         return propagator.propagate(slicer.mrmlScene, referenceVolume, referenceLandmarks, list(targetVolumes))
 
     def transferSegmentation(self, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=None,

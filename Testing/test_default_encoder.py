@@ -41,3 +41,31 @@ def test_default_encoder_finds_the_afids_in_new_subjects(template_2mm, populatio
     assert min(identity) > 3.0  # the subjects really differ from the template
     assert err.mean() <= MAX_MEAN_MM and err.max() <= MAX_SUBJECT_MEAN_MM, err.round(2)
     assert err.mean() < 0.9 * random_err.mean(), (err.round(2), random_err.round(2))
+
+
+# Template T1 -> the same four subjects' T2, with the target mapped into the reference's contrast
+# (AnatSSLLib.contrast) and the dense matching started from the registration: measured 3.08, 3.88,
+# 3.26, 2.67 (mean 3.22); the same encoder without contrast matching: 7.24, 5.34, 5.02, 5.38. The
+# second subject's T2 has 6 mm slices, where a Mattes-MI affine from the intensity moments lands
+# 34.7 mm off: the registration starts from the embedding's global affine and keeps it if better.
+MAX_T2_MEAN_MM = 3.8
+MAX_T2_SUBJECT_MEAN_MM = 4.5
+
+
+def test_default_encoder_finds_the_afids_across_contrasts(template_2mm, population_small):
+    from AnatSSLLib.embedding import EmbeddingStore
+    from AnatSSLLib.encoders import load_encoder
+    from AnatSSLLib.tools.landmarks import LandmarkLocator
+
+    store = EmbeddingStore(load_encoder(None, device="cpu"), whiten=True)
+    subjects = population_small.subjects
+    targets = [s.image("t2") for s in subjects]
+
+    def errors(locator):
+        found = locator.locate(template_2mm.t1, template_2mm.landmarks, targets)
+        return np.array([np.linalg.norm(f.positions - s.landmarks().positions, axis=1).mean() for f, s in zip(found, subjects)])
+
+    err = errors(LandmarkLocator(store, initial_alignment="registration", match_contrast=True))
+    plain = errors(LandmarkLocator(store))
+    assert err.mean() <= MAX_T2_MEAN_MM and err.max() <= MAX_T2_SUBJECT_MEAN_MM, err.round(2)
+    assert err.mean() < 0.75 * plain.mean(), (err.round(2), plain.round(2))
