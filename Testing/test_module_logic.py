@@ -367,6 +367,39 @@ def test_cross_modality_segmenter_if_available(scene, store, brain):
     assert _dice(labels.array > 0, ref.array > 0) > 0.45
 
 
+
+def test_cross_modality_segmentation_with_the_default_encoder_to_a_simulated_t2(scene, template_2mm, population_small):
+    """The Segment Editor effect's job end to end: the template T1 with its 25-label segmentation, a
+    simulated subject's T2 as the editor's source volume; the transfer fills the subject's segmentation
+    with the bundled default encoder (registration start, the T2 mapped into the T1's contrast, as the
+    module runs it), and the segments are checked against the subject's exact labels. Measured here:
+    mean tissue Dice 0.70 (csf, gm, wm and the 12 deep nuclei; white matter 0.79), against 0.50 for
+    the affine registration's labels (library, AnatSSLLib.tools.segmentation)."""
+    from AnatSSLBridge import labelmap_to_segmentation, segmentation_to_labelmap
+    from AnatSSLBridge.segmentation import transfer_segmentation
+
+    from AnatSSLLib.embedding import EmbeddingStore
+    from AnatSSLLib.encoders import load_encoder
+    from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
+
+    subject = population_small.subjects[0]
+    t1 = volume_node_from_image(scene, template_2mm.t1, "MNI T1")
+    t2 = volume_node_from_image(scene, subject.image("t2"), f"{subject.name} T2")
+    names = {k: v for k, v in template_2mm.label_names.items() if k}
+    reference = labelmap_to_segmentation(scene, template_2mm.labels, t1, names=names, closed_surface=False)
+    segmenter = CrossModalitySegmenter(EmbeddingStore(load_encoder(None, device="cpu"), whiten=True),
+                                       initial_alignment="registration", match_contrast=True)
+    node, counts = transfer_segmentation(scene, segmenter, t1, reference, t2)
+    assert set(counts) == set(names.values())
+    labels, by_value = segmentation_to_labelmap(scene, node, t2)
+    value = {n: v for v, n in by_value.items()}
+    truth = np.asarray(subject.labels().array)
+    assert labels.array.shape == truth.shape  # on the T2's own grid
+    tissue = [1, 2, 3] + list(range(8, 20))
+    dice = {k: _dice(labels.array == value[names[k]], truth == k) for k in tissue}
+    assert np.mean(list(dice.values())) > 0.6, dice
+    assert dice[3] > 0.7, dice  # white matter
+
 # ---- pretraining job ------------------------------------------------------------------------------
 def test_pretrain_job_runs_reports_progress_and_is_cancelled(tmp_path, population_small):
     import time
