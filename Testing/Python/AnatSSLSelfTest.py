@@ -59,6 +59,8 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         self.test_segmentation_transfer_in_a_thread_like_the_effect()
         self.setUp()
         self.test_whole_volume_search_and_jump()
+        self.setUp()
+        self.test_default_encoder_on_a_simulated_subject()
 
     # ---- helpers --------------------------------------------------------------------------------
     @staticmethod
@@ -324,3 +326,47 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         np.testing.assert_allclose([red.GetSliceToRAS().GetElement(r, 3) for r in range(3)], ras, atol=1e-3)
         self.delayDisplay("Whole-volume search and jump passed")
+
+    def test_default_encoder_on_a_simulated_subject(self):
+        """The bundled default encoder on real anatomy, as testing/test_module_logic.py runs it on slicer-core:
+        the template's 32 expert AFIDs to a simulated subject's T1 and T2, and the template's labels to its T2.
+        Needs the data packages (autoafids, deepmriprep, spm-runtime: Resources/Data/README.md); skipped without."""
+        self.delayDisplay("Default encoder: AFIDs to a simulated subject's T1 and T2, labels to its T2")
+        from AnatSSLLib.image import lps_to_ras
+
+        try:
+            from AnatSSLLib.data.population import load_population
+            from AnatSSLLib.data.synth import synthesize_population
+            from AnatSSLLib.data.templates import load_template
+
+            template = load_template(2.0)
+            folder = os.path.join(slicer.util.tempDirectory(), "population")
+            synthesize_population(folder, 1, ("t1", "t2"), seed=0, res_mm=3.0)  # population_small's first subject
+            subject = load_population(folder).subjects[0]
+        except Exception as exc:  # the data packages are not installed in Slicer's Python
+            self.delayDisplay(f"Skipped (no template data): {exc}")
+            return
+        logic = self._logic()
+        reference = logic.volumeFromImage(template.t1, "MNI T1")
+        t1 = logic.volumeFromImage(subject.image("t1"), f"{subject.name} T1")
+        t2 = logic.volumeFromImage(subject.image("t2"), f"{subject.name} T2")
+        markups = logic.markupsFromPoints(template.landmarks, "AFIDs")
+        truth = lps_to_ras(subject.landmarks().positions)
+        # bounds of Testing/test_default_encoder.py (per subject): 3.0 mm within T1, 4.5 mm T1 -> T2
+        for target, matchContrast, bound in ((t1, False, 3.0), (t2, True, 4.5)):
+            (result,) = logic.propagateLandmarks(reference, markups, [target], device="cpu", matchContrast=matchContrast)
+            found = slicer.util.arrayFromMarkupsControlPoints(result.markups_node, world=True)
+            error = float(np.linalg.norm(found - truth, axis=1).mean())
+            self.assertLessEqual(error, bound, (target.GetName(), error))
+        names = {k: v for k, v in template.label_names.items() if k}
+        segmentation = logic.segmentationFromLabelmap(template.labels, reference, names=names, closedSurface=False)
+        output, _ = logic.transferSegmentation(reference, segmentation, t2, device="cpu")
+        labels, byValue = logic.labelmapFromSegmentation(output, t2)
+        value = {n: v for v, n in byValue.items()}
+        actual = np.asarray(subject.labels().array)
+        dice = []
+        for k in [1, 2, 3] + list(range(8, 20)):  # csf, gm, wm and the deep nuclei
+            a, b = labels.array == value[names[k]], actual == k
+            dice.append(2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
+        self.assertGreater(float(np.mean(dice)), 0.6, dice)  # 0.70 measured on slicer-core
+        self.delayDisplay("Default encoder passed")
