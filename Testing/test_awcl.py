@@ -281,6 +281,37 @@ def test_finetune_and_segmentation_run(slice_set):
         class_labels(one, "coarse")
 
 
+def test_segmentation_flip_off_keeps_left_and_right_labels_apart():
+    """Lateralised labels on images in one orientation: a mirror-symmetric pair of squares, the left
+    one labelled 1 and the right one 2. Without flips the decoder tells them apart by position; with
+    random left-right flips (image and labels flipped together) the same picture comes with both
+    labellings, so neither label can be learnt well."""
+    from AnatSSLLib.methods.awcl_data import TaggedImageSet
+    from AnatSSLLib.tools.awcl_eval import finetune_segmentation
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    n, size = 24, 32
+    images = rng.uniform(0, 0.1, (n, 1, size, size)).astype(np.float32)
+    labels = np.zeros((n, size, size), np.int64)
+    for i in range(n):
+        r = 8 + i % 8
+        images[i, 0, r : r + 8, 4:12] += 0.8
+        labels[i, r : r + 8, 4:12] = 1  # "left"
+        images[i, 0, r : r + 8, 20:28] += 0.8
+        labels[i, r : r + 8, 20:28] = 2  # its mirror image, "right"
+    data = TaggedImageSet(images, [f"s{i % 4}" for i in range(n)], ["a"] * n, ["a"] * n, labels=labels)
+    dice = {}
+    for flip in (False, True):
+        torch.manual_seed(0)
+        enc = awcl_resnet2d(backbone="resnet10", in_channels=1, widen_factor=0.125)
+        res = finetune_segmentation(enc, data, np.arange(18), np.arange(18, 24), freeze=True, steps=40,
+                                    batch_size=8, width=8, lr=3e-3, flip=flip, seed=0)  # fmt: skip
+        assert res["flip"] is flip
+        dice[flip] = min(res["dice"].values())
+    assert dice[False] > 0.6 and dice[True] < 0.5, dice
+
+
 # ------------------------------------------------------------------------ torchrun (2 x gloo)
 
 DDP_COMMON = """
@@ -371,3 +402,5 @@ def test_eval_command_line(slice_csv, tmp_path, capsys):
     assert res == json.loads(capsys.readouterr().out)
     assert res["classes"] == ["axial", "coronal", "sagittal"] and res["n_test_scans"] == 1
     assert 0.0 <= res["probe"]["accuracy"] <= 1.0 and "macro_f1" in res["probe"]
+    assert args.no_flip is False  # segmentation flips by default; --no-flip turns them off
+    assert parser.parse_args(["--csv", "x.csv", "--encoder", "random", "--no-flip"]).no_flip is True

@@ -72,20 +72,56 @@ def test_configurations_cover_the_issue_grid(bench):
 
 def test_summary_and_verdict_known_answer(bench):
     runs = {
-        "instance_r0": {"0": dict(probe_accuracy=0.5, probe_macro_f1=0.4, seg_dice_all=0.2, seg_dice_large=0.6),
-                        "1": dict(probe_accuracy=0.7, probe_macro_f1=0.6, seg_dice_all=0.2, seg_dice_large=0.6)},
-        "awcl_fine_r0.5": {"0": dict(probe_accuracy=0.8, probe_macro_f1=0.8, seg_dice_all=0.3, seg_dice_large=0.7)},
+        "instance_r0": {"0": dict(probe_accuracy=0.5, probe_macro_f1=0.4, seg_frozen_dice_all=0.2, seg_frozen_dice_large=0.6),
+                        "1": dict(probe_accuracy=0.7, probe_macro_f1=0.6, seg_frozen_dice_all=0.2, seg_frozen_dice_large=0.6)},
+        "awcl_fine_r0.5": {"0": dict(probe_accuracy=0.8, probe_macro_f1=0.8, seg_frozen_dice_all=0.3, seg_frozen_dice_large=0.7)},
     }  # fmt: skip
     s = bench.summarise(runs)
     assert s["instance_r0"]["probe_accuracy"] == pytest.approx(0.6)
     assert s["instance_r0"]["probe_accuracy_spread"] == pytest.approx(0.1)
     assert s["instance_r0"]["probe_accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["instance_r0"]["seg_frozen_dice_all"] == pytest.approx(0.2)
     v = bench.verdict(runs, [0.5, 1.0])  # paired by seed: only seed 0 is common
     assert v["awcl_fine_r0.5"]["seeds"] == ["0"]
     assert v["awcl_fine_r0.5"]["probe_accuracy_delta"] == pytest.approx(0.3)
-    assert v["awcl_fine_r0.5"]["seg_dice_all_seeds_ahead"] == 1
-    assert v["awcl_fine_r0.5"]["beats_on_all"] is True
-    assert "awcl_fine_r1" not in v and v["fine_ratios_beating_instance_on_probe_and_seg"] == ["awcl_fine_r0.5"]
+    assert v["awcl_fine_r0.5"]["seg_frozen_dice_all_seeds_ahead"] == 1
+    assert v["awcl_fine_r0.5"]["bar"] == {"probe+seg_frozen": {"beats": True, "clearly": False}}  # 1 seed: no se
+    assert "awcl_fine_r1" not in v
+    assert v["fine_ratios_beating_instance"] == {"probe+seg_frozen": ["awcl_fine_r0.5"]}
+    assert v["fine_ratios_clearly_beating_instance"] == {"probe+seg_frozen": []}
+    # metrics missing from older runs (no probe1_*) are skipped, not a KeyError
+    assert "probe1_accuracy" not in s["instance_r0"] and "probe1_accuracy_delta" not in v["awcl_fine_r0.5"]
+
+
+def test_verdict_bar_per_probe_and_protocol(bench):
+    """Fine ahead on the label-scarce probe and the frozen protocol on every seed, behind on the full
+    probe's accuracy: ``probe1+seg_frozen`` is met (clearly), ``probe+seg_*`` and ``*+seg_finetune`` not."""
+    def run(p, p1, frozen, ft):
+        return dict(probe_accuracy=p, probe_macro_f1=p, probe1_accuracy=p1, probe1_macro_f1=p1,
+                    seg_frozen_dice_all=frozen, seg_finetune_dice_all=ft)  # fmt: skip
+
+    runs = {
+        "instance_r0": {"0": run(0.9, 0.80, 0.20, 0.30), "1": run(0.9, 0.82, 0.22, 0.30), "2": run(0.9, 0.81, 0.21, 0.30)},
+        "awcl_fine_r1": {"0": run(0.8, 0.90, 0.25, 0.29), "1": run(0.85, 0.91, 0.26, 0.28), "2": run(0.8, 0.92, 0.27, 0.31)},
+    }  # fmt: skip
+    v = bench.verdict(runs, [1.0])
+    bar = v["awcl_fine_r1"]["bar"]
+    assert set(bar) == {"probe+seg_frozen", "probe+seg_finetune", "probe1+seg_frozen", "probe1+seg_finetune"}
+    assert bar["probe1+seg_frozen"] == {"beats": True, "clearly": True}
+    assert bar["probe+seg_frozen"]["beats"] is False and bar["probe1+seg_finetune"]["beats"] is False
+    assert v["fine_ratios_clearly_beating_instance"]["probe1+seg_frozen"] == ["awcl_fine_r1"]
+    assert v["awcl_fine_r1"]["seg_frozen_dice_all_delta"] == pytest.approx(0.05)
+    assert v["awcl_fine_r1"]["seg_frozen_dice_all_delta_se"] == pytest.approx(0.01 / np.sqrt(3), abs=1e-4)
+
+
+def test_seg_protocols_are_named_and_checked(bench):
+    assert bench.parse_seg_protocols("frozen, finetune") == ["frozen", "finetune"]
+    assert bench.SEG_PROTOCOLS["frozen"]["freeze"] is True and bench.SEG_PROTOCOLS["finetune"]["freeze"] is False
+    for bad in ("frozen,frozen", "", "unfrozen"):
+        with pytest.raises(ValueError, match="--seg-protocols"):
+            bench.parse_seg_protocols(bad)
+    args = bench.parse_args([])
+    assert args.seg_protocols == "frozen,finetune" and args.seg_flip is False
 
 
 def test_tiny_pretrain_and_evaluate(bench, tmp_path):
@@ -96,11 +132,16 @@ def test_tiny_pretrain_and_evaluate(bench, tmp_path):
     encoder, facts = bench.pretrain(data.subset(tr), 0.5, "fine", arch, steps=2, batch_size=8, seed=0,
                                     cache=EncoderCache(tmp_path / "cache", bundled=()))  # fmt: skip
     assert facts["encoder_id"] and facts["samples_per_s"] > 0 and np.isfinite(facts["final_loss"])
-    res = bench.evaluate_encoder(encoder, data, tr, te, seg_steps=3, seg_freeze=False, seed=0, large=[1])
+    res = bench.evaluate_encoder(encoder, data, tr, te, seg_steps=3, seg_protocols=["frozen", "finetune"], seed=0,
+                                 large=[1])  # fmt: skip
     assert res["probe_n_train"] == 30 and res["probe_n_test"] == 10  # untagged rows scored via true tags
     # two classes told apart by where a bright square is: trivially separable by the probe
     assert res["probe_train_accuracy"] == 1.0 and res["probe_accuracy"] >= 0.8
-    assert 0.0 <= res["seg_dice_all"] <= 1.0 and res["seg_dice_large"] == pytest.approx(res["seg_dice_all"])
+    # label-scarce probe: one of the 3 training subjects' 10 images at a time
+    assert res["probe1_n_subjects"] == 3 and 0.0 <= res["probe1_accuracy"] <= 1.0
+    for p in ("frozen", "finetune"):  # one foreground label: "large" = "all"
+        assert 0.0 <= res[f"seg_{p}_dice_all"] <= 1.0
+        assert res[f"seg_{p}_dice_large"] == pytest.approx(res[f"seg_{p}_dice_all"])
     out = tmp_path / "r.json"
     bench.atomic_write_json(out, {"runs": {"x": res}})
     assert json.loads(out.read_text())["runs"]["x"]["probe_n_test"] == 10

@@ -1,11 +1,11 @@
 """AWCL ablation (issue 6): random init, plain instance contrast and AWCL coarse/fine over the anatomy ratio.
 
-    python benchmarks/bench_awcl.py --work /tmp/awcl_bench_data --subjects 8 --res 3 \
-        --test-subjects 2 --steps 800 --seg-steps 1000 --seeds 0,1,2,3 \
+    python benchmarks/bench_awcl.py --work /tmp/awcl_bench_acpc2 --subjects 8 --res 3 \
+        --test-subjects 2 --steps 800 --seg-steps 1000 --seeds 0,1,2 \
         --out benchmarks/results/awcl_ablation.json
 
-(the committed result was made as ``--seeds 0,1`` then the same with ``--seeds 0,1,2,3 --resume``;
-about 140 s per configuration and seed with one torch thread, 94 min in all).
+(add seeds with ``--seeds 3,4 --resume``; about 6 min per configuration and seed with one torch
+thread on a shared 2-core CPU, most of it the two segmentation protocols).
 
 One run, one data set, one backbone, one step budget, one seed list for every configuration:
 
@@ -22,20 +22,39 @@ One run, one data set, one backbone, one step budget, one seed list for every co
 - **linear probe** (:func:`AnatSSLLib.tools.awcl_eval.linear_probe`): frozen features, multinomial
   logistic regression fitted on the training subjects' images, scored on the held-out subjects'
   images; classes = the **true fine tags** (the ``true_fine_tag`` column, so untagged images are
-  scored too); accuracy and macro F1.
+  scored too); accuracy and macro F1. Also a **label-scarce probe** (``probe1_*``, ours, not the
+  paper's): the same probe fitted on *one* training subject's images (8 per fine tag) and scored on
+  the held-out subjects, averaged over the training subjects. With all training subjects' labels the
+  probe reaches what end-to-end supervised training reaches (~0.94 on the default set), so it cannot
+  tell representations apart; with one subject's labels it can.
 - **segmentation** (:func:`AnatSSLLib.tools.awcl_eval.finetune_segmentation`): a U-Net-like decoder
-  on the encoder, **fine-tuned end to end** (encoder not frozen; ``--seg-freeze`` for the frozen
-  protocol) for ``--seg-steps`` steps with Dice + CE on the training subjects' label maps (25
-  foreground labels); Dice on the held-out subjects. Reported: the mean over all 25 foreground
-  labels (primary) and the mean over the *large* labels (those covering at least 1 % of the
-  training pixels: at 3 mm and 64 px the small deep nuclei are a few pixels wide and mostly score 0).
+  on the encoder's five stage maps, trained for ``--seg-steps`` steps with Dice + CE on the training
+  subjects' label maps (25 foreground labels); Dice on the held-out subjects. Two named protocols
+  (:data:`SEG_PROTOCOLS`, ``--seg-protocols``), the issue's "encoder frozen or not":
+
+  - ``frozen`` (primary): encoder weights and BatchNorm statistics fixed, only the decoder learns.
+    The segmentation counterpart of the linear probe: every configuration trains the same decoder on
+    the same labels, so the Dice differences are the representation's. (Measured on the fixed plane
+    set: random init 0.24 against 0.37 for instance contrast, where end to end they differ by 0.01.)
+  - ``finetune``: encoder fine-tuned end to end. With every training subject's labels this measures
+    the labels more than the pretraining (random init comes within ~0.01 of any pretraining).
+
+  No random flips by default (``--seg-flip`` turns them on): the planes are in one canonical
+  orientation and 14 of the 25 labels are lateralised (``*_left``/``*_right``); a left-right flip
+  of image and label map shows a left structure on the right under its left label, which made one
+  label of each pair score ~0 (mean Dice 0.28 with flips against 0.37 without, instance contrast,
+  frozen, seed 0). Reported per protocol: the mean over all 25 foreground labels
+  (``seg_<protocol>_dice_all``, primary) and over the *large* labels (``seg_<protocol>_dice_large``:
+  those covering at least 1 % of the training pixels; at 3 mm and 64 px the small deep nuclei are a
+  few pixels wide).
 
 Results are written (atomically) after every configuration, so a killed run keeps what it finished;
 ``--resume`` (same settings) keeps the finished (configuration, seed) results of ``--out`` and runs
 the rest, e.g. more seeds; ``commands`` lists every invocation that contributed.
 Seeds are the outer loop: seed 0 completes every configuration before seed 1 starts. The summary
 gives the mean, the spread (half the max - min range) and the standard deviation over finished
-seeds; the verdict compares AWCL fine with ``instance_r0`` paired by seed.
+seeds; the verdict compares AWCL fine with ``instance_r0`` paired by seed, for each probe (full
+labels, one subject's labels) and each segmentation protocol (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -80,7 +99,9 @@ def build_plane_set(
     pop = work / f"pop-n{n_subjects}-t1t2-s{seed}-r{res_mm:g}"
     if not (pop / "population.json").is_file():
         synthesize_population(pop, n_subjects, ("t1", "t2"), seed=seed, res_mm=res_mm, force=pop.exists())
-    planes = work / f"planes-n{n_subjects}-s{seed}-r{res_mm:g}-{size}px-{per_subject}pp-u{untagged:g}"
+    # "-acpc2": planes cut with the AC-PC frame fitted through midline AFIDs and L/R pair midpoints;
+    # a folder made before that fix (no suffix) is not reused
+    planes = work / f"planes-n{n_subjects}-s{seed}-r{res_mm:g}-{size}px-{per_subject}pp-u{untagged:g}-acpc2"
     return make_plane_set(pop, planes, per_subject=per_subject, size=size, spacing_mm=res_mm,
                           untagged_fraction=untagged, seed=0)  # fmt: skip
 
@@ -115,11 +136,44 @@ def large_labels(data: TaggedImageSet, train_idx: np.ndarray, fraction: float = 
 # ------------------------------------------------------------------------------------ evaluation
 
 
+# Named segmentation protocols (issue 6: "fine-tuning for 2D segmentation of the tissue labels, with
+# the encoder frozen or not"). Both train the same decoder for the same steps on the training subjects'
+# label maps and score Dice on the held-out subjects; they differ only in whether the encoder learns.
+SEG_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "frozen": {
+        "freeze": True,
+        "doc": "encoder frozen (weights and BatchNorm statistics), only the decoder trained: the segmentation "
+               "counterpart of the linear probe, its Dice a function of the pretrained features "
+               "(primary: measures the representation)",
+    },
+    "finetune": {
+        "freeze": False,
+        "doc": "encoder fine-tuned end to end with the decoder (the pretraining is only an initialisation; "
+               "with every training subject's labels it measures the labels more than the pretraining)",
+    },
+}  # fmt: skip
+
+
+def parse_seg_protocols(text: str) -> list[str]:
+    """``"frozen,finetune"`` -> ``["frozen", "finetune"]`` (known names, no repeats, at least one)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in SEG_PROTOCOLS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"--seg-protocols: expected distinct names from {sorted(SEG_PROTOCOLS)}, got {text!r}")
+    return names
+
+
 def evaluate_encoder(
     encoder: torch.nn.Module, data: TaggedImageSet, train_idx: np.ndarray, test_idx: np.ndarray, *,
-    seg_steps: int, seg_freeze: bool, seed: int, large: list[int], probe_column: str = "true_fine_tag",
+    seg_steps: int, seg_protocols: list[str], seed: int, large: list[int], seg_flip: bool = False,
+    probe_column: str = "true_fine_tag",
 ) -> dict[str, Any]:
-    """Linear probe on ``probe_column`` and segmentation fine-tuning; metrics on ``test_idx``."""
+    """Linear probes on ``probe_column`` and segmentation under each of ``seg_protocols``
+    (:data:`SEG_PROTOCOLS`); metrics on ``test_idx``.
+
+    Segmentation metrics are named ``seg_<protocol>_dice_all`` (mean over the foreground labels),
+    ``seg_<protocol>_dice_large`` (mean over ``large``), ``seg_<protocol>_dice_per_label``, ...
+    """
     t0 = time.time()
     rows, y, names = class_labels(data, label_column=probe_column)
     y_all = np.full(len(data), -1, dtype=np.int64)
@@ -127,25 +181,33 @@ def evaluate_encoder(
     tr, te = train_idx[y_all[train_idx] >= 0], test_idx[y_all[test_idx] >= 0]
     feats = extract_features(encoder, data.images)
     probe = linear_probe(feats[tr], y_all[tr], feats[te], y_all[te], len(names))
-    t1 = time.time()
-    seg = finetune_segmentation(encoder, data, train_idx, test_idx, freeze=seg_freeze, steps=seg_steps,
-                                batch_size=16, lr=1e-3, seed=seed)  # fmt: skip
-    t2 = time.time()
-    dice = seg["dice"]
-    big = [dice[k] for k in large if np.isfinite(dice.get(k, float("nan")))]
-    return {
+    # label-scarce probe: fitted on one training subject at a time (subjects with < 2 classes skipped)
+    scans = np.asarray(data.scan_ids)
+    few = [linear_probe(feats[tr][scans[tr] == q], y_all[tr][scans[tr] == q], feats[te], y_all[te], len(names))
+           for q in sorted(set(scans[tr])) if len(np.unique(y_all[tr][scans[tr] == q])) > 1]  # fmt: skip
+    out: dict[str, Any] = {
         "probe_accuracy": probe["accuracy"],
         "probe_macro_f1": probe["macro_f1"],
         "probe_train_accuracy": probe["train_accuracy"],
+        "probe1_accuracy": float(np.mean([f["accuracy"] for f in few])) if few else float("nan"),
+        "probe1_macro_f1": float(np.mean([f["macro_f1"] for f in few])) if few else float("nan"),
+        "probe1_n_subjects": len(few),
         "probe_n_train": int(len(tr)),
         "probe_n_test": int(len(te)),
-        "seg_dice_all": seg["mean_dice"],
-        "seg_dice_large": float(np.mean(big)) if big else float("nan"),
-        "seg_dice_per_label": {str(k): round(v, 4) for k, v in dice.items()},
-        "seg_final_train_loss": seg["final_train_loss"],
-        "probe_seconds": round(t1 - t0, 1),
-        "seg_seconds": round(t2 - t1, 1),
+        "probe_seconds": round(time.time() - t0, 1),
     }
+    for name in seg_protocols:
+        t1 = time.time()
+        seg = finetune_segmentation(encoder, data, train_idx, test_idx, freeze=SEG_PROTOCOLS[name]["freeze"],
+                                    steps=seg_steps, batch_size=16, lr=1e-3, flip=seg_flip, seed=seed)  # fmt: skip
+        dice = seg["dice"]
+        big = [dice[k] for k in large if np.isfinite(dice.get(k, float("nan")))]
+        out[f"seg_{name}_dice_all"] = seg["mean_dice"]
+        out[f"seg_{name}_dice_large"] = float(np.mean(big)) if big else float("nan")
+        out[f"seg_{name}_dice_per_label"] = {str(k): round(v, 4) for k, v in dice.items()}
+        out[f"seg_{name}_final_train_loss"] = seg["final_train_loss"]
+        out[f"seg_{name}_seconds"] = round(time.time() - t1, 1)
+    return out
 
 
 def configurations(ratios: list[float]) -> list[tuple[str, float | None, str]]:
@@ -183,7 +245,15 @@ def pretrain(
 
 # --------------------------------------------------------------------------------------- summary
 
-METRICS = ("probe_accuracy", "probe_macro_f1", "seg_dice_all", "seg_dice_large")
+PROBE_METRICS = ("probe_accuracy", "probe_macro_f1", "probe1_accuracy", "probe1_macro_f1")
+PROBES = {"probe": "full-label probe", "probe1": "label-scarce probe (one training subject)"}
+
+
+def metric_names(runs: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The summarised metrics: the probes' and every ``seg_<protocol>_dice_{all,large}`` in ``runs``."""
+    keys = {k for by_seed in runs.values() for r in by_seed.values() for k in r}
+    segs = sorted(k for k in keys if k.startswith("seg_") and k.endswith(("_dice_all", "_dice_large")))
+    return [m for m in PROBE_METRICS if m in keys] + segs
 
 
 def summarise(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -191,7 +261,9 @@ def summarise(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     out = {}
     for name, by_seed in runs.items():
         row: dict[str, Any] = {"seeds": sorted(by_seed)}
-        for m in METRICS:
+        for m in metric_names(runs):
+            if not all(m in r for r in by_seed.values()):
+                continue  # a metric added after some of these runs were made (--resume)
             v = np.array([r[m] for r in by_seed.values()], dtype=float)
             row[m] = round(float(v.mean()), 4)
             row[m + "_spread"] = round(float((v.max() - v.min()) / 2), 4)
@@ -203,12 +275,18 @@ def summarise(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
 def verdict(runs: dict[str, dict[str, dict[str, Any]]], ratios: list[float]) -> dict[str, Any]:
     """Issue 6's bar: AWCL fine against plain instance contrast (``instance_r0``), paired by seed.
 
-    Per fine ratio: the mean over common seeds of (fine - instance) for each metric, the number of
-    seeds where fine is ahead, and ``beats_on_all`` (mean delta > 0 for probe accuracy, probe
-    macro F1 and the primary segmentation Dice), ``beats_clearly_on`` (the metrics whose paired mean
-    delta exceeds two standard errors of the paired deltas).
+    Per fine ratio: the mean over common seeds of (fine - instance) for each metric
+    (``<metric>_delta``), its standard error (``_delta_se``, sd of the paired deltas / sqrt(n)) and
+    the number of seeds where fine is ahead (``_seeds_ahead``). ``bar`` holds, for each probe
+    (``probe``: full labels, ``probe1``: one subject's labels) and each segmentation protocol ``p``
+    found, ``"<probe>+seg_<p>"``: ``beats`` (mean delta > 0 on the probe's accuracy, its macro F1 and
+    ``seg_<p>_dice_all``) and ``clearly`` (each of the three deltas exceeds two standard errors;
+    needs >= 2 seeds). ``fine_ratios_beating_instance`` / ``fine_ratios_clearly_beating_instance``
+    list, per such pair, the fine configurations that meet it.
     """
     base = runs.get("instance_r0", {})
+    metrics = metric_names(runs)
+    protocols = [m[len("seg_") : -len("_dice_all")] for m in metrics if m.endswith("_dice_all")]
     out: dict[str, Any] = {}
     for r in ratios:
         name = f"awcl_fine_r{r:g}"
@@ -217,19 +295,31 @@ def verdict(runs: dict[str, dict[str, dict[str, Any]]], ratios: list[float]) -> 
         if not common:
             continue
         row: dict[str, Any] = {"seeds": common}
-        for m in METRICS:
+        for m in metrics:
+            if not all(m in fine[s] and m in base[s] for s in common):
+                continue
             d = np.array([fine[s][m] - base[s][m] for s in common])
             row[m + "_delta"] = round(float(d.mean()), 4)
             row[m + "_delta_se"] = round(float(d.std(ddof=1) / np.sqrt(len(d))), 4) if len(d) > 1 else None
             row[m + "_seeds_ahead"] = int((d > 0).sum())
-        main = ("probe_accuracy", "probe_macro_f1", "seg_dice_all")
-        row["beats_on_all"] = bool(all(row[m + "_delta"] > 0 for m in main))
-        # "clearly": the paired mean difference exceeds two standard errors (needs >= 2 seeds)
-        row["beats_clearly_on"] = [m for m in main if row[m + "_delta_se"] is not None
-                                   and row[m + "_delta"] > 2 * row[m + "_delta_se"]]  # fmt: skip
+        bar: dict[str, Any] = {}
+        for probe in PROBES:
+            for p in protocols:
+                main = (f"{probe}_accuracy", f"{probe}_macro_f1", f"seg_{p}_dice_all")
+                if not all(m + "_delta" in row for m in main):
+                    continue
+                bar[f"{probe}+seg_{p}"] = {
+                    "beats": bool(all(row[m + "_delta"] > 0 for m in main)),
+                    # "clearly": the paired mean difference exceeds two standard errors
+                    "clearly": bool(all(row[m + "_delta_se"] is not None and row[m + "_delta"] > 2 * row[m + "_delta_se"]
+                                        for m in main)),
+                }  # fmt: skip
+        row["bar"] = bar
         out[name] = row
-    if out:
-        out["fine_ratios_beating_instance_on_probe_and_seg"] = [k for k, v in out.items() if v["beats_on_all"]]
+    rows = dict(out)
+    pairs = sorted({k for v in rows.values() for k in v["bar"]})
+    for key, test in (("fine_ratios_beating_instance", "beats"), ("fine_ratios_clearly_beating_instance", "clearly")):
+        out[key] = {k: [n for n, v in rows.items() if v["bar"].get(k, {}).get(test)] for k in pairs}
     return out
 
 
@@ -267,7 +357,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600, help="pretraining steps per configuration (default 600)")
     p.add_argument("--batch-size", type=int, default=32, help="pretraining batch (default 32, the paper's)")
     p.add_argument("--seg-steps", type=int, default=1000, help="segmentation fine-tuning steps (default 1000)")
-    p.add_argument("--seg-freeze", action="store_true", help="segmentation with the encoder frozen (default: fine-tuned)")
+    p.add_argument("--seg-protocols", default="frozen,finetune",
+                   help=f"comma-separated segmentation protocols, from {sorted(SEG_PROTOCOLS)} (default frozen,finetune)")
+    p.add_argument("--seg-flip", action="store_true",
+                   help="random left-right flips when training segmentation (default off: the planes are in one "
+                        "orientation and their labels lateralised, so a flip would swap left and right structures)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (outer loop)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--resume", action="store_true",
@@ -284,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seg_protocols = parse_seg_protocols(args.seg_protocols)
     csv_path = Path(args.csv) if args.csv else build_plane_set(args.work, args.subjects, args.res, args.per_subject,
                                                                 args.size, args.untagged)  # fmt: skip
     data = load_planes(csv_path, args.size)
@@ -340,13 +435,15 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": {
             "probe": "linear probe (frozen features standardised on train, multinomial logistic regression, L2 1e-3, "
                      "L-BFGS 300 it.) on the true fine tag (11 classes) of every image; train = training subjects, "
-                     "test = held-out subjects",
-            "segmentation": (f"{'frozen encoder' if args.seg_freeze else 'fine-tuned end to end (encoder not frozen)'}: "
-                             f"U-Net-like decoder (width 32) on the encoder's 5 stage maps, DiceCE, Adam 1e-3, "
-                             f"batch 16, {args.seg_steps} steps, flip augmentation; Dice on held-out subjects "
-                             f"(MONAI DiceMetric, mean_batch); seg_dice_all = mean over the 25 foreground labels "
-                             f"(primary), seg_dice_large = mean over labels >= 1 % of training pixels"),
-            "seg_freeze": bool(args.seg_freeze),
+                     "test = held-out subjects; probe1_*: the same probe fitted on one training subject's "
+                     "images at a time (label-scarce), scored on the held-out subjects, mean over training subjects",
+            "segmentation": (f"U-Net-like decoder (width 32) on the encoder's 5 stage maps, trained on the training "
+                             f"subjects' label maps: DiceCE, Adam 1e-3, batch 16, {args.seg_steps} steps, "
+                             f"{'random left-right flips' if args.seg_flip else 'no flips'}; Dice on held-out subjects "
+                             f"(MONAI DiceMetric, mean_batch); seg_<protocol>_dice_all = mean over the 25 foreground "
+                             f"labels (primary), seg_<protocol>_dice_large = mean over labels >= 1 % of training pixels"),
+            "seg_protocols": {n: SEG_PROTOCOLS[n]["doc"] for n in seg_protocols},
+            "seg_flip": bool(args.seg_flip),
             "seg_steps": args.seg_steps,
             "spread": "<metric>_spread = half the range (max - min)/2 over seeds (with 2 seeds mean +- spread covers both); "
                       "<metric>_std = sample standard deviation over seeds",
@@ -394,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 encoder, facts = pretrain(pre, ratio, gran, arch, steps=args.steps, batch_size=args.batch_size,
                                           seed=seed, cache=cache)  # fmt: skip
             res = evaluate_encoder(encoder, data, train_idx, test_idx, seg_steps=args.seg_steps,
-                                   seg_freeze=args.seg_freeze, seed=seed, large=large)  # fmt: skip
+                                   seg_protocols=seg_protocols, seg_flip=args.seg_flip, seed=seed, large=large)  # fmt: skip
             res.update(facts, ratio=ratio, granularity=gran, config_seconds=round(time.time() - t0, 1))
             report["runs"].setdefault(name, {})[str(seed)] = res
             report["summary"] = summarise(report["runs"])
@@ -402,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             report["total_seconds"] = round(time.time() - t_start, 1)
             atomic_write_json(out, report)
             print(f"seed {seed} {name:18s} probe acc {res['probe_accuracy']:.3f} F1 {res['probe_macro_f1']:.3f} "
-                  f"seg dice all {res['seg_dice_all']:.3f} large {res['seg_dice_large']:.3f} "
-                  f"({res['config_seconds']:.0f} s)", flush=True)  # fmt: skip
+                  f"1-subject probe acc {res['probe1_accuracy']:.3f} "
+                  + "".join(f"seg {p} dice all {res[f'seg_{p}_dice_all']:.3f} large {res[f'seg_{p}_dice_large']:.3f} "
+                            for p in seg_protocols)
+                  + f"({res['config_seconds']:.0f} s)", flush=True)  # fmt: skip
     report["finished"] = True
     report["total_seconds"] = round(time.time() - t_start, 1)
     atomic_write_json(out, report)

@@ -9,8 +9,10 @@ position within the family, e.g. ``axial_ventricles``). A configurable fraction 
 Standard planes are defined **anatomically**, per subject, from its AFIDs landmarks:
 
 - the **AC-PC frame**: anterior axis ``A`` = AC - PC, left axis ``L`` = normal of the
-  mid-sagittal plane fitted (least squares) through the midline AFIDs and pointing to the
-  subject's left (checked with the left/right landmark pairs), superior axis ``S = A x L``;
+  mid-sagittal plane fitted (least squares) through the midline AFIDs and the midpoints of the
+  left/right AFID pairs, pointing to the subject's left (checked with the pairs), superior axis
+  ``S = A x L``. (The midline AFIDs alone lie close to one A-P line; on strongly warped subjects
+  their fit rolled the frame by up to 38 degrees from the subject's true orientation.)
 - each family has a normal (``S``, ``A`` or ``L``) and each fine position an offset along it,
   read off that subject's landmarks (e.g. ``axial_ventricles`` passes through the mean height of
   the four "LV at AC/PC" points). Sagittal planes off the midline take a random side (left or
@@ -92,6 +94,9 @@ _AFID = {
 }
 _MIDLINE = ("AC", "PC", "ICS", "PMJ", "SIPF", "CUL", "IMS", "PG", "GENU", "SPLE")
 _PAIRS = (("L_LVAC", "R_LVAC"), ("L_LVPC", "R_LVPC"), ("L_ALTH", "R_ALTH"), ("L_SLMS", "R_SLMS"))
+# left/right pairs whose midpoints also lie on the mid-sagittal plane (they widen its fit: the midline
+# AFIDs alone are nearly collinear along A-P, which lets a warped subject's fitted plane roll by 30+ deg)
+_SYMMETRIC = _PAIRS + (("L_MB", "R_MB"), ("L_VOH", "R_VOH"), ("L_OSF", "R_OSF"))
 
 
 def _point(points: PointSet, key: str) -> np.ndarray:
@@ -119,8 +124,9 @@ def acpc_frame(points: PointSet) -> tuple[np.ndarray, np.ndarray]:
         unit vectors in LPS, ``S = A x L`` (so ``(L, -A, S)`` is right-handed, like LPS).
     """
     ac, pc = _point(points, "AC"), _point(points, "PC")
-    mid = np.array([_point(points, k) for k in _MIDLINE if _has(points, k)])
-    centred = mid - mid.mean(axis=0)
+    mid = [_point(points, k) for k in _MIDLINE if _has(points, k)]
+    mid += [(_point(points, a) + _point(points, b)) / 2 for a, b in _SYMMETRIC if _has(points, a) and _has(points, b)]
+    centred = np.array(mid) - np.mean(mid, axis=0)
     normal = np.linalg.svd(centred)[2][-1]  # least-squares mid-sagittal plane normal
     left_dir = np.mean([_point(points, a) - _point(points, b) for a, b in _PAIRS], axis=0)
     if np.dot(normal, left_dir) < 0:

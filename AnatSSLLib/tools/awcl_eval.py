@@ -328,13 +328,18 @@ def finetune_segmentation(
     batch_size: int = 16,
     lr: float = 1e-3,
     width: int = 32,
+    flip: bool = True,
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Train :class:`SegmentationDecoder` on the label maps of ``train_idx``; Dice on ``test_idx``.
 
     Images without a label map are left out (counted). ``freeze``: the encoder's weights and
-    BatchNorm statistics stay fixed. Flip augmentation (image and labels together).
+    BatchNorm statistics stay fixed. ``flip``: random left-right flips (image and label map
+    together, probability 0.5). Turn it off for images in one canonical orientation whose labels
+    are lateralised (``*_left``/``*_right``, as in :mod:`AnatSSLLib.data.planes`' axial and coronal
+    planes): a flipped image shows the left structure on the right under the left label, so
+    position no longer tells the two apart and one label of each pair tends to score 0.
 
     Returns:
         ``{"dice": {label: value}, "mean_dice": ..., "num_classes", "n_train", "n_test", "freeze", ...}``
@@ -372,9 +377,10 @@ def finetune_segmentation(
             enc.eval()
         pick = tr_t[torch.randint(len(tr_t), (min(batch_size, len(tr_t)),), generator=g)]
         x, y = images[pick], labels[pick][:, None].float()
-        flip = torch.rand(len(pick), generator=g) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        y = torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
+        if flip:
+            flipped = torch.rand(len(pick), generator=g) < 0.5
+            x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
+            y = torch.where(flipped.view(-1, 1, 1, 1), y.flip(-1), y)
         loss = loss_fn(model(x.to(device)), y.to(device))
         opt.zero_grad()
         loss.backward()
@@ -399,6 +405,7 @@ def finetune_segmentation(
         "n_test": int(len(te)),
         "unlabelled_left_out": int(len(train_idx) + len(test_idx) - len(tr) - len(te)),
         "freeze": bool(freeze),
+        "flip": bool(flip),
         "steps": int(steps),
         "final_train_loss": float(np.mean(losses[-10:])),
     }
@@ -419,6 +426,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--label-column", default=None,
                         help="classify this CSV column instead of the tags (e.g. true_fine_tag of a plane set)")
     parser.add_argument("--freeze", action="store_true", help="keep the encoder frozen when fine-tuning (finetune, segment)")
+    parser.add_argument("--no-flip", action="store_true",
+                        help="segment: no random left-right flips (images in one orientation with left/right labels)")
     parser.add_argument("--size", type=int, default=96, help="image side in pixels the images are brought to (default 96)")
     parser.add_argument("--test-fraction", type=float, default=0.3, help="fraction of scans held out for testing (default 0.3)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of fine-tuning (default 300)")
@@ -476,7 +485,8 @@ def evaluate(args) -> dict[str, Any]:
     if "segment" in args.task:
         results["segment"] = finetune_segmentation(
             encoder, data, train_idx, test_idx, freeze=args.freeze, steps=args.steps,
-            batch_size=min(args.batch_size, 16), lr=args.lr, seed=args.seed, device=args.device,
+            batch_size=min(args.batch_size, 16), lr=args.lr, flip=not getattr(args, "no_flip", False),
+            seed=args.seed, device=args.device,
         )  # fmt: skip
     return results
 
