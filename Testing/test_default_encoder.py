@@ -52,20 +52,31 @@ MAX_T2_MEAN_MM = 3.8
 MAX_T2_SUBJECT_MEAN_MM = 4.5
 
 
-def test_default_encoder_finds_the_afids_across_contrasts(template_2mm, population_small):
+def test_default_encoder_finds_the_afids_across_contrasts(template_2mm, population_small, tmp_path):
+    """As a user would: ``anatssl landmarks --match-contrast`` (default encoder) from the template's
+    T1 and its AFIDs to the four subjects' T2 files; the markups it writes are checked against the
+    ground truth, and against the library's plain matching (no contrast matching)."""
+    from AnatSSLLib.cli import main
     from AnatSSLLib.embedding import EmbeddingStore
     from AnatSSLLib.encoders import load_encoder
+    from AnatSSLLib.image import write_image
+    from AnatSSLLib.points import read_points, write_points
     from AnatSSLLib.tools.landmarks import LandmarkLocator
 
-    store = EmbeddingStore(load_encoder(None, device="cpu"), whiten=True)
     subjects = population_small.subjects
-    targets = [s.image("t2") for s in subjects]
+    truth = [s.landmarks().positions for s in subjects]
+    ref = write_image(template_2mm.t1, tmp_path / "template_t1.nii.gz")
+    pts = write_points(template_2mm.landmarks, tmp_path / "afids.mrk.json")
+    paths = [str(s.folder / "t2.nii.gz") for s in subjects]
+    code = main(["landmarks", "--device", "cpu", "--reference", str(ref), "--points", str(pts), "--targets", *paths,
+                 "--match-contrast", "--out", str(tmp_path / "found")])  # fmt: skip
+    assert code == 0
+    found = [read_points(tmp_path / "found" / f"{s.name}_t2.mrk.json") for s in subjects]
+    assert all(f.labels == template_2mm.landmarks.labels for f in found)
+    err = np.array([np.linalg.norm(f.positions - t, axis=1).mean() for f, t in zip(found, truth)])
 
-    def errors(locator):
-        found = locator.locate(template_2mm.t1, template_2mm.landmarks, targets)
-        return np.array([np.linalg.norm(f.positions - s.landmarks().positions, axis=1).mean() for f, s in zip(found, subjects)])
-
-    err = errors(LandmarkLocator(store, initial_alignment="registration", match_contrast=True))
-    plain = errors(LandmarkLocator(store))
+    store = EmbeddingStore(load_encoder(None, device="cpu"), whiten=True)
+    plain_found = LandmarkLocator(store).locate(template_2mm.t1, template_2mm.landmarks, [s.image("t2") for s in subjects])
+    plain = np.array([np.linalg.norm(f.positions - t, axis=1).mean() for f, t in zip(plain_found, truth)])
     assert err.mean() <= MAX_T2_MEAN_MM and err.max() <= MAX_T2_SUBJECT_MEAN_MM, err.round(2)
     assert err.mean() < 0.75 * plain.mean(), (err.round(2), plain.round(2))

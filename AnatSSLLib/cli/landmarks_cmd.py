@@ -26,13 +26,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--sigmas", default="8,4,2", help="centre-weighting widths in mm, coarse to fine (default 8,4,2)")
     p.add_argument("--search-radius", type=float, default=12.0, help="how far a finer scale may move (mm, default 12)")
-    p.add_argument("--initial-alignment", choices=("embedding", "registration"), default="embedding",
+    p.add_argument("--initial-alignment", choices=("embedding", "registration"), default=None,
                    help="where matching starts: the embedding's own global affine (default), or a mutual-information "
-                        "affine registration (for targets of another contrast than the reference)")
+                        "affine registration (for targets of another contrast than the reference; the default "
+                        "with --match-contrast)")
     p.add_argument("--match-contrast", action="store_true",
                    help="targets of another contrast than the reference (e.g. T1 points, T2 targets): map each target's "
                         "intensities into the reference's contrast (joint histogram under a mutual-information affine) "
-                        "before matching; use with --initial-alignment registration")
+                        "before matching; matching then starts from that affine")
     p.add_argument("--no-whiten", action="store_true",
                    help="match the raw embedding instead of each volume's whitened one (ablation)")
     p.add_argument("--min-confidence", type=float, default=0.0, help="report points below this confidence as uncertain")
@@ -61,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     stems = output_stems(args.targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    alignment = args.initial_alignment or ("registration" if args.match_contrast else "embedding")
     locator = LandmarkLocator(EmbeddingStore(encoder, whiten=not args.no_whiten), sigmas_mm=sigmas, search_radius_mm=args.search_radius,
-                              initial_alignment=args.initial_alignment, match_contrast=args.match_contrast)
+                              initial_alignment=alignment, match_contrast=args.match_contrast)
     for path, stem in tqdm(list(zip(args.targets, stems)), desc="landmarks", unit="target"):
         target = read_image(path)
         found = locator.locate(reference, points, [target])[0]
