@@ -265,9 +265,14 @@ def machine_info() -> dict[str, Any]:
         "SimpleITK": _version("SimpleITK"),
         "antspyx": _version("antspyx"),
         "torch": _version("torch"),
+        # the threads each library may use: seconds per target only compare under the same settings
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
     }
+    if "SimpleITK" in sys.modules:
+        info["sitk_threads"] = sys.modules["SimpleITK"].ProcessObject.GetGlobalDefaultNumberOfThreads()
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
+        info["torch_threads"] = torch.get_num_threads()
         try:
             if torch.cuda.is_available():
                 info["accelerator"] = torch.cuda.get_device_name(0)
