@@ -146,3 +146,15 @@ def test_tiny_pretrain_and_evaluate(bench, tmp_path):
     bench.atomic_write_json(out, {"runs": {"x": res}})
     assert json.loads(out.read_text())["runs"]["x"]["probe_n_test"] == 10
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".r.json")] == []
+
+
+def test_merging_reports_needs_the_same_settings(bench, tmp_path):
+    """``--merge``: reports of other seeds are taken only when made with the same settings and data."""
+    report = {"settings": {"steps": 800, "seeds": [0]}, "protocol": {"seg_steps": 1000}, "data": {"csv": "a.csv"}}
+    other = {"settings": {"steps": 800, "seeds": [1]}, "protocol": {"seg_steps": 1000}, "data": {"csv": "a.csv"}}
+    assert bench._same_settings(other, report, tmp_path / "o.json") is other  # seeds may differ
+    for key, change in (("settings", {"steps": 400, "seeds": [1]}), ("protocol", {"seg_steps": 10}), ("data", {"csv": "b.csv"})):
+        with pytest.raises(SystemExit, match="o.json"):
+            bench._same_settings({**other, key: change}, report, tmp_path / "o.json")
+    assert bench.parse_args(["--merge", "x.json", "y.json"]).merge == ["x.json", "y.json"]
+    assert bench.parse_args([]).merge == []

@@ -4,8 +4,9 @@
         --test-subjects 2 --steps 800 --seg-steps 1000 --seeds 0,1,2 \
         --out benchmarks/results/awcl_ablation.json
 
-(add seeds with ``--seeds 3,4 --resume``; about 6 min per configuration and seed with one torch
-thread on a shared 2-core CPU, most of it the two segmentation protocols).
+(add seeds with ``--seeds 3,4 --resume``, or run seeds in parallel processes, one per core, each
+with its own ``--out``, and combine them with ``--resume --merge OTHER.json``; about 6 min per
+configuration and seed with one torch thread, most of it the two segmentation protocols).
 
 One run, one data set, one backbone, one step budget, one seed list for every configuration:
 
@@ -364,10 +365,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "orientation and their labels lateralised, so a flip would swap left and right structures)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (outer loop)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                   help="also take the finished runs of these reports (same settings; other seeds run by parallel "
+                        "processes, e.g. --seeds 1 --out seed1.json beside --seeds 0), then run what is left")
     p.add_argument("--resume", action="store_true",
                    help="keep the (config, seed) results already in --out (same settings) and run only the missing ones")
     p.add_argument("--out", default="benchmarks/results/awcl_ablation.json", help="result JSON (atomic, rewritten after each config)")
     return p.parse_args(argv)
+
+
+def _same_settings(old: dict[str, Any], report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``old`` (an earlier report read from ``path``) if it was made with ``report``'s settings,
+    protocol and data (seeds aside); otherwise exit with the difference."""
+    for key in ("settings", "protocol"):
+        a = {k: v for k, v in old.get(key, {}).items() if k not in ("seeds", "spread")}
+        b = {k: v for k, v in report[key].items() if k not in ("seeds", "spread")}
+        if a != b:
+            raise SystemExit(f"{path} was made with other {key}: {a} != {b}")
+    if old.get("data", {}).get("csv") != report["data"]["csv"]:
+        raise SystemExit(f"{path} was made from {old.get('data', {}).get('csv')}, not {report['data']['csv']}")
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,15 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     report["commands"] = [report["command"]]
     if args.resume and out.is_file():
-        old = json.loads(out.read_text())
-        same = ("settings", "protocol")
-        for key in same:
-            a = {k: v for k, v in old.get(key, {}).items() if k not in ("seeds", "spread")}
-            b = {k: v for k, v in report[key].items() if k not in ("seeds", "spread")}
-            if a != b:
-                raise SystemExit(f"--resume: {out} was made with other {key}: {a} != {b}")
-        if old.get("data", {}).get("csv") != report["data"]["csv"]:
-            raise SystemExit(f"--resume: {out} was made from {old.get('data', {}).get('csv')}, not {csv_path}")
+        old = _same_settings(json.loads(out.read_text()), report, out)
         report["runs"] = old.get("runs", {})
         report["commands"] = old.get("commands", [old.get("command")]) + [report["command"]]
         report["date_first"] = old.get("date_first", old.get("date"))
@@ -471,8 +480,17 @@ def main(argv: list[str] | None = None) -> int:
         # wall time of the earlier invocations (if a file lacks it: the sum of its config times)
         spent = sum(r.get("config_seconds", 0.0) for by_seed in report["runs"].values() for r in by_seed.values())
         t_start -= float(old.get("total_seconds", spent))
-        report["summary"] = summarise(report["runs"])
-        report["verdict"] = verdict(report["runs"], ratios)
+    for path in args.merge:
+        other = _same_settings(json.loads(Path(path).read_text()), report, Path(path))
+        for name, by_seed in other.get("runs", {}).items():
+            for seed, res in by_seed.items():
+                if seed in report["runs"].get(name, {}):
+                    raise SystemExit(f"--merge: {path} and {out} both hold {name} seed {seed}")
+                report["runs"].setdefault(name, {})[seed] = res
+        report["commands"] += [f"(merged from {path}) {c}" for c in other.get("commands", [other.get("command")])]
+        report["settings"]["seeds"] = sorted({*report["settings"]["seeds"], *map(int, other["settings"]["seeds"])})
+    report["summary"] = summarise(report["runs"])
+    report["verdict"] = verdict(report["runs"], ratios)
     atomic_write_json(out, report)
     print(f"data: {len(data)} images, train {len(train_idx)} / test {len(test_idx)} (held out {held}); "
           f"large labels {large}", flush=True)  # fmt: skip
