@@ -484,8 +484,14 @@ def main(argv: list[str] | None = None) -> int:
         other = _same_settings(json.loads(Path(path).read_text()), report, Path(path))
         for name, by_seed in other.get("runs", {}).items():
             for seed, res in by_seed.items():
-                if seed in report["runs"].get(name, {}):
-                    raise SystemExit(f"--merge: {path} and {out} both hold {name} seed {seed}")
+                mine = report["runs"].get(name, {}).get(seed)
+                if mine is not None:
+                    # a (configuration, seed) run twice is fine when it gave the same figures (runs are
+                    # deterministic on one machine); different figures mean different code or data
+                    differ = [m for m in metric_names({name: {seed: res}}) if mine.get(m) != res.get(m)]
+                    if differ:
+                        raise SystemExit(f"--merge: {path} and {out} disagree on {name} seed {seed}: {differ}")
+                    continue
                 report["runs"].setdefault(name, {})[seed] = res
         report["commands"] += [f"(merged from {path}) {c}" for c in other.get("commands", [other.get("command")])]
         report["settings"]["seeds"] = sorted({*report["settings"]["seeds"], *map(int, other["settings"]["seeds"])})
