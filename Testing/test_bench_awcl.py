@@ -158,3 +158,13 @@ def test_merging_reports_needs_the_same_settings(bench, tmp_path):
             bench._same_settings({**other, key: change}, report, tmp_path / "o.json")
     assert bench.parse_args(["--merge", "x.json", "y.json"]).merge == ["x.json", "y.json"]
     assert bench.parse_args([]).merge == []
+
+
+def test_merged_runs_keep_a_repeated_run_once_and_refuse_a_different_one(bench):
+    runs = {"instance_r0": {"0": dict(probe_accuracy=0.9, seg_frozen_dice_all=0.3, config_seconds=10.0)}}
+    other = {"instance_r0": {"0": dict(probe_accuracy=0.9, seg_frozen_dice_all=0.3, config_seconds=12.0),
+                             "1": dict(probe_accuracy=0.8, seg_frozen_dice_all=0.2)}}  # fmt: skip
+    bench.merge_runs(runs, other, "other.json")
+    assert sorted(runs["instance_r0"]) == ["0", "1"] and runs["instance_r0"]["0"]["config_seconds"] == 10.0
+    with pytest.raises(SystemExit, match="other.json.*instance_r0 seed 1"):
+        bench.merge_runs(runs, {"instance_r0": {"1": dict(probe_accuracy=0.7, seg_frozen_dice_all=0.2)}}, "other.json")

@@ -387,6 +387,21 @@ def _same_settings(old: dict[str, Any], report: dict[str, Any], path: Path) -> d
     return old
 
 
+def merge_runs(runs: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]], source: str | Path) -> None:
+    """Add ``other``'s (configuration, seed) results to ``runs`` in place. A pair in both is kept
+    once if it gave the same figures (the runs are deterministic on one machine); different figures
+    mean different code or data, and stop the merge."""
+    for name, by_seed in other.items():
+        for seed, res in by_seed.items():
+            mine = runs.get(name, {}).get(seed)
+            if mine is None:
+                runs.setdefault(name, {})[seed] = res
+                continue
+            differ = [m for m in metric_names({name: {seed: res}}) if mine.get(m) != res.get(m)]
+            if differ:
+                raise SystemExit(f"--merge: {source} disagrees with the runs so far on {name} seed {seed}: {differ}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -482,17 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         t_start -= float(old.get("total_seconds", spent))
     for path in args.merge:
         other = _same_settings(json.loads(Path(path).read_text()), report, Path(path))
-        for name, by_seed in other.get("runs", {}).items():
-            for seed, res in by_seed.items():
-                mine = report["runs"].get(name, {}).get(seed)
-                if mine is not None:
-                    # a (configuration, seed) run twice is fine when it gave the same figures (runs are
-                    # deterministic on one machine); different figures mean different code or data
-                    differ = [m for m in metric_names({name: {seed: res}}) if mine.get(m) != res.get(m)]
-                    if differ:
-                        raise SystemExit(f"--merge: {path} and {out} disagree on {name} seed {seed}: {differ}")
-                    continue
-                report["runs"].setdefault(name, {})[seed] = res
+        merge_runs(report["runs"], other.get("runs", {}), path)
         report["commands"] += [f"(merged from {path}) {c}" for c in other.get("commands", [other.get("command")])]
         report["settings"]["seeds"] = sorted({*report["settings"]["seeds"], *map(int, other["settings"]["seeds"])})
     report["summary"] = summarise(report["runs"])
