@@ -328,7 +328,7 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Whole-volume search and jump passed")
 
     def test_default_encoder_on_a_simulated_subject(self):
-        """The bundled default encoder on real anatomy, as testing/test_module_logic.py runs it on slicer-core:
+        """The bundled default encoder on real anatomy, as Testing/test_module_logic.py runs it on slicer-core:
         the template's 32 expert AFIDs to a simulated subject's T1 and T2, and the template's labels to its T2.
         Needs the data packages (autoafids, deepmriprep, spm-runtime: Resources/Data/README.md); skipped without."""
         self.delayDisplay("Default encoder: AFIDs to a simulated subject's T1 and T2, labels to its T2")
