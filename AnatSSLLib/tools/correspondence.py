@@ -353,6 +353,51 @@ class EmbeddingCorrespondence:
         affine, n_global, n_inl = self.global_affine(fe, me, mask)
         return self.local(fe, me, mask, affine, n_global, n_inl)
 
+    def match_across_contrasts(
+        self,
+        fixed: Image,
+        moving: Image,
+        *,
+        initial_alignment: str = "embedding",
+        remapped: str | None = None,
+        passes: int = 1,
+    ) -> tuple[Correspondence, Image, Image]:
+        """:meth:`match` for volumes of two contrasts, as the landmark and segmentation tools run it.
+
+        Args:
+            initial_alignment: ``"embedding"`` (:meth:`match`'s own global affine) or
+                ``"registration"`` (the local levels start from :meth:`registered_affine`).
+            remapped: ``None``, or which volume (``"fixed"`` or ``"moving"``) is first mapped into the
+                other's contrast (:func:`AnatSSLLib.contrast.fit_intensity_transfer`, read through
+                :meth:`registered_affine`) and matched in its place.
+            passes: with ``remapped``, how many times the transfer is fitted: the first through the
+                affine, each further one through the previous correspondence (then matched again).
+
+        Returns:
+            the correspondence fixed -> moving, and the fixed and moving volumes it was matched on
+            (one of them the remapped copy).
+        """
+        if remapped not in (None, "fixed", "moving"):
+            raise InputError(f"remapped must be None, 'fixed' or 'moving', got {remapped!r}")
+        affine = None
+        if initial_alignment == "registration" or remapped:
+            affine = self.registered_affine(fixed, moving)
+        start = affine if initial_alignment == "registration" else None
+        if remapped is None:
+            return self.match(fixed, moving, initial_affine=start), fixed, moving
+        from ..contrast import fit_intensity_transfer
+
+        through = affine  # the first transfer is read through the registration affine
+        for _ in range(int(passes)):
+            if remapped == "moving":  # the fixed -> moving map samples the fixed volume and reads the moving one
+                matched_fixed, matched_moving = fixed, fit_intensity_transfer(moving, fixed, through).apply(moving)
+            else:
+                matched_fixed = fit_intensity_transfer(fixed, moving, source_to_reference=through).apply(fixed)
+                matched_moving = moving
+            corr = self.match(matched_fixed, matched_moving, initial_affine=start)
+            through = corr.transform_points
+        return corr, matched_fixed, matched_moving
+
     def registered_affine(self, fixed: Image, moving: Image) -> np.ndarray:
         """Fixed -> moving affine (homogeneous, LPS mm) from a SimpleITK Mattes mutual-information
         registration (:func:`AnatSSLLib.baselines.registration.register`) started from this

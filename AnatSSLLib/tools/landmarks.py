@@ -181,20 +181,10 @@ class LandmarkLocator:
         copy in the reference's contrast with ``match_contrast``)."""
         from .correspondence import EmbeddingCorrespondence
 
-        matcher = EmbeddingCorrespondence(self.store)
-        affine = None
-        if self.initial_alignment == "registration" or self.match_contrast:
-            affine = matcher.registered_affine(reference, target)
-        start = affine if self.initial_alignment == "registration" else None
-        if not self.match_contrast:
-            return matcher.match(reference, target, initial_affine=start), target
-        from ..contrast import fit_intensity_transfer
-
-        through = affine  # the first transfer is read through the registration affine
-        for _ in range(int(self.contrast_passes)):
-            matched = fit_intensity_transfer(target, reference, through).apply(target)
-            corr = matcher.match(reference, matched, initial_affine=start)
-            through = corr.transform_points
+        corr, _, matched = EmbeddingCorrespondence(self.store).match_across_contrasts(
+            reference, target, initial_alignment=self.initial_alignment,
+            remapped="moving" if self.match_contrast else None, passes=self.contrast_passes,
+        )  # fmt: skip
         return corr, matched
 
     def carry(self, reference: Image, point_lps: np.ndarray, target: Image) -> tuple[np.ndarray, float]:

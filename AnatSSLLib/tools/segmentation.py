@@ -233,20 +233,10 @@ class CrossModalitySegmenter:
         """``(N, K)`` posterior over ``classes`` for every target voxel (``array.ravel()`` order)."""
         import torch
 
-        affine = None
-        if self.initial_alignment == "registration" or self.match_contrast:
-            affine = self.correspondence.registered_affine(target, ref)  # target -> reference
-        start = affine if self.initial_alignment == "registration" else None
-        if self.match_contrast:
-            from ..contrast import fit_intensity_transfer
-
-            through = affine  # the first transfer is read through the registration affine
-            for _ in range(int(self.contrast_passes)):
-                fixed = fit_intensity_transfer(target, ref, source_to_reference=through).apply(target)
-                corr = self.correspondence.match(fixed=fixed, moving=ref, initial_affine=start)
-                through = corr.transform_points
-        else:
-            corr = self.correspondence.match(fixed=target, moving=ref, initial_affine=start)
+        corr, _, _ = self.correspondence.match_across_contrasts(  # target -> reference
+            target, ref, initial_alignment=self.initial_alignment,
+            remapped="fixed" if self.match_contrast else None, passes=self.contrast_passes,
+        )  # fmt: skip
         self.last_correspondences.append(corr)
         from ..embedding import volume_key
 
