@@ -168,3 +168,58 @@ def test_merged_runs_keep_a_repeated_run_once_and_refuse_a_different_one(bench):
     assert sorted(runs["instance_r0"]) == ["0", "1"] and runs["instance_r0"]["0"]["config_seconds"] == 10.0
     with pytest.raises(SystemExit, match="other.json.*instance_r0 seed 1"):
         bench.merge_runs(runs, {"instance_r0": {"1": dict(probe_accuracy=0.7, seg_frozen_dice_all=0.2)}}, "other.json")
+
+
+def test_merged_runs_take_a_protocol_added_later(bench):
+    """A run finished before a segmentation protocol was added gains that protocol's metrics from
+    the report that ran it; the metrics both hold must still agree."""
+    runs = {"instance_r0": {"0": dict(probe_accuracy=0.9, seg_frozen_dice_all=0.3)}}
+    bench.merge_runs(runs, {"instance_r0": {"0": dict(probe_accuracy=0.9, seg_frozen_dice_all=0.3,
+                                                      seg_frozen1_dice_all=0.2)}}, "other.json")  # fmt: skip
+    assert runs["instance_r0"]["0"] == dict(probe_accuracy=0.9, seg_frozen_dice_all=0.3, seg_frozen1_dice_all=0.2)
+    with pytest.raises(SystemExit, match="seg_frozen1_dice_all"):
+        bench.merge_runs(runs, {"instance_r0": {"0": dict(seg_frozen1_dice_all=0.25)}}, "other.json")
+    # the list of protocols may differ between reports; their settings may not
+    report = {"settings": {"steps": 800}, "protocol": {"seg_steps": 1000, "seg_protocols": {"frozen1": "x"}},
+              "data": {"csv": "a.csv"}}  # fmt: skip
+    old = {**report, "protocol": {"seg_steps": 1000, "seg_protocols": {"frozen": "y"}}}
+    assert bench._same_settings(old, report, Path("o.json")) is old
+
+
+def test_label_scarce_protocols_train_on_one_subject_rotating_with_the_seed(bench):
+    data = _toy_set()
+    tr, te, _ = bench.split_subjects(data, 1)  # training subjects sub-000..sub-002
+    for protocol in ("frozen1", "finetune1"):
+        assert bench.SEG_PROTOCOLS[protocol]["one_subject"] and bench.SEG_PROTOCOLS[protocol]["steps"] == 500
+        for seed, subject in ((0, "sub-000"), (1, "sub-001"), (2, "sub-002"), (3, "sub-000")):
+            idx, got = bench.seg_training_images(data, tr, protocol, seed)
+            assert got == subject and {data.scan_ids[i] for i in idx} == {subject} and len(idx) == 10
+    idx, got = bench.seg_training_images(data, tr, "frozen", 1)
+    assert got is None and np.array_equal(idx, tr)
+    assert bench.parse_seg_protocols("frozen1,finetune1") == ["frozen1", "finetune1"]
+
+
+def test_resume_adds_a_protocol_to_finished_runs_without_pretraining_again(bench, tmp_path, monkeypatch):
+    """``--resume`` with a new ``--seg-protocols`` evaluates the cached encoders of finished runs
+    under the new protocol only: probes and earlier protocols untouched, nothing pretrained again."""
+    torch.set_num_threads(1)
+    data = _toy_set()
+    monkeypatch.setattr(bench, "load_planes", lambda path, size: data)
+    monkeypatch.setitem(bench.SEG_PROTOCOLS, "frozen1", {**bench.SEG_PROTOCOLS["frozen1"], "steps": 3})
+    out = tmp_path / "r.json"
+    common = ["--csv", str(tmp_path / "planes.csv"), "--work", str(tmp_path), "--size", "32", "--test-subjects", "1",
+              "--configs", "random_init,instance_r0", "--widen", "0.125", "--steps", "2", "--batch-size", "8",
+              "--seg-steps", "3", "--seeds", "0", "--out", str(out)]  # fmt: skip
+    assert bench.main(common + ["--seg-protocols", "frozen"]) == 0
+    first = json.loads(out.read_text())["runs"]
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert bench.main(common + ["--seg-protocols", "frozen1", "--resume"]) == 0
+    report = json.loads(out.read_text())
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached  # no new pretraining
+    assert set(report["protocol"]["seg_protocols"]) == {"frozen", "frozen1"}
+    for name in ("random_init", "instance_r0"):
+        run = report["runs"][name]["0"]
+        for key in ("probe_accuracy", "probe1_accuracy", "seg_frozen_dice_all"):
+            assert run[key] == first[name]["0"][key]
+        assert 0.0 <= run["seg_frozen1_dice_all"] <= 1.0 and run["seg_frozen1_training_subject"] == "sub-000"
+    assert "seg_frozen1_dice_all" in report["summary"]["instance_r0"]

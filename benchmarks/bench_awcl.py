@@ -152,7 +152,31 @@ SEG_PROTOCOLS: dict[str, dict[str, Any]] = {
         "doc": "encoder fine-tuned end to end with the decoder (the pretraining is only an initialisation; "
                "with every training subject's labels it measures the labels more than the pretraining)",
     },
+    # label-scarce counterparts (ours, as probe1): the label maps of ONE training subject, the subject
+    # rotating with the seed (seed s -> the (s mod n)-th training subject, sorted), so every
+    # configuration of a seed trains on the same subject and the comparison stays paired
+    "frozen1": {
+        "freeze": True, "one_subject": True, "steps": 500,
+        "doc": "label-scarce, encoder frozen: the decoder trained for 500 steps (~90 epochs) on the label maps of one "
+               "training subject (seed s: the (s mod n)-th training subject), Dice on the held-out subjects",
+    },
+    "finetune1": {
+        "freeze": False, "one_subject": True, "steps": 500,
+        "doc": "label-scarce, end to end: encoder and decoder trained for 500 steps (~90 epochs) on the label maps of "
+               "one training subject (seed s: the (s mod n)-th training subject), Dice on the held-out subjects",
+    },
 }  # fmt: skip
+
+
+def seg_training_images(data: TaggedImageSet, train_idx: np.ndarray, protocol: str, seed: int) -> tuple[np.ndarray, str | None]:
+    """The training images of segmentation ``protocol``: every training image, or (a label-scarce
+    protocol) those of the ``seed mod n``-th training subject; and that subject (None for all)."""
+    if not SEG_PROTOCOLS[protocol].get("one_subject"):
+        return train_idx, None
+    scans = np.asarray(data.scan_ids)
+    subjects = sorted(set(scans[train_idx]))
+    subject = subjects[int(seed) % len(subjects)]
+    return train_idx[scans[train_idx] == subject], subject
 
 
 def parse_seg_protocols(text: str) -> list[str]:
@@ -167,14 +191,38 @@ def parse_seg_protocols(text: str) -> list[str]:
 def evaluate_encoder(
     encoder: torch.nn.Module, data: TaggedImageSet, train_idx: np.ndarray, test_idx: np.ndarray, *,
     seg_steps: int, seg_protocols: list[str], seed: int, large: list[int], seg_flip: bool = False,
-    probe_column: str = "true_fine_tag",
+    probe_column: str = "true_fine_tag", probes: bool = True,
 ) -> dict[str, Any]:
-    """Linear probes on ``probe_column`` and segmentation under each of ``seg_protocols``
-    (:data:`SEG_PROTOCOLS`); metrics on ``test_idx``.
+    """Linear probes on ``probe_column`` (unless ``probes=False``) and segmentation under each of
+    ``seg_protocols`` (:data:`SEG_PROTOCOLS`); metrics on ``test_idx``.
 
     Segmentation metrics are named ``seg_<protocol>_dice_all`` (mean over the foreground labels),
     ``seg_<protocol>_dice_large`` (mean over ``large``), ``seg_<protocol>_dice_per_label``, ...
+    A protocol's own ``steps`` (the label-scarce ones) replaces ``seg_steps``.
     """
+    out: dict[str, Any] = _probe_metrics(encoder, data, train_idx, test_idx, probe_column) if probes else {}
+    for name in seg_protocols:
+        t1 = time.time()
+        spec = SEG_PROTOCOLS[name]
+        seg_train, subject = seg_training_images(data, train_idx, name, seed)
+        seg = finetune_segmentation(encoder, data, seg_train, test_idx, freeze=spec["freeze"],
+                                    steps=spec.get("steps", seg_steps), batch_size=16, lr=1e-3, flip=seg_flip, seed=seed)  # fmt: skip
+        dice = seg["dice"]
+        big = [dice[k] for k in large if np.isfinite(dice.get(k, float("nan")))]
+        out[f"seg_{name}_dice_all"] = seg["mean_dice"]
+        out[f"seg_{name}_dice_large"] = float(np.mean(big)) if big else float("nan")
+        out[f"seg_{name}_dice_per_label"] = {str(k): round(v, 4) for k, v in dice.items()}
+        out[f"seg_{name}_final_train_loss"] = seg["final_train_loss"]
+        if subject is not None:
+            out[f"seg_{name}_training_subject"] = subject
+        out[f"seg_{name}_seconds"] = round(time.time() - t1, 1)
+    return out
+
+
+def _probe_metrics(
+    encoder: torch.nn.Module, data: TaggedImageSet, train_idx: np.ndarray, test_idx: np.ndarray, probe_column: str,
+) -> dict[str, Any]:
+    """The full-label and the one-subject linear probes (see :func:`evaluate_encoder`)."""
     t0 = time.time()
     rows, y, names = class_labels(data, label_column=probe_column)
     y_all = np.full(len(data), -1, dtype=np.int64)
@@ -197,17 +245,6 @@ def evaluate_encoder(
         "probe_n_test": int(len(te)),
         "probe_seconds": round(time.time() - t0, 1),
     }
-    for name in seg_protocols:
-        t1 = time.time()
-        seg = finetune_segmentation(encoder, data, train_idx, test_idx, freeze=SEG_PROTOCOLS[name]["freeze"],
-                                    steps=seg_steps, batch_size=16, lr=1e-3, flip=seg_flip, seed=seed)  # fmt: skip
-        dice = seg["dice"]
-        big = [dice[k] for k in large if np.isfinite(dice.get(k, float("nan")))]
-        out[f"seg_{name}_dice_all"] = seg["mean_dice"]
-        out[f"seg_{name}_dice_large"] = float(np.mean(big)) if big else float("nan")
-        out[f"seg_{name}_dice_per_label"] = {str(k): round(v, 4) for k, v in dice.items()}
-        out[f"seg_{name}_final_train_loss"] = seg["final_train_loss"]
-        out[f"seg_{name}_seconds"] = round(time.time() - t1, 1)
     return out
 
 
@@ -376,10 +413,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _same_settings(old: dict[str, Any], report: dict[str, Any], path: Path) -> dict[str, Any]:
     """``old`` (an earlier report read from ``path``) if it was made with ``report``'s settings,
-    protocol and data (seeds aside); otherwise exit with the difference."""
+    protocol and data (seeds and the list of segmentation protocols aside: a protocol missing from
+    a run is added to it); otherwise exit with the difference."""
     for key in ("settings", "protocol"):
-        a = {k: v for k, v in old.get(key, {}).items() if k not in ("seeds", "spread")}
-        b = {k: v for k, v in report[key].items() if k not in ("seeds", "spread")}
+        a = {k: v for k, v in old.get(key, {}).items() if k not in ("seeds", "spread", "seg_protocols")}
+        b = {k: v for k, v in report[key].items() if k not in ("seeds", "spread", "seg_protocols")}
         if a != b:
             raise SystemExit(f"{path} was made with other {key}: {a} != {b}")
     if old.get("data", {}).get("csv") != report["data"]["csv"]:
@@ -389,17 +427,21 @@ def _same_settings(old: dict[str, Any], report: dict[str, Any], path: Path) -> d
 
 def merge_runs(runs: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]], source: str | Path) -> None:
     """Add ``other``'s (configuration, seed) results to ``runs`` in place. A pair in both is kept
-    once if it gave the same figures (the runs are deterministic on one machine); different figures
-    mean different code or data, and stop the merge."""
+    once if the metrics both hold are the same (the runs are deterministic on one machine), and
+    takes the metrics only ``other`` holds (a protocol added later); different figures mean
+    different code or data, and stop the merge."""
     for name, by_seed in other.items():
         for seed, res in by_seed.items():
             mine = runs.get(name, {}).get(seed)
             if mine is None:
                 runs.setdefault(name, {})[seed] = res
                 continue
-            differ = [m for m in metric_names({name: {seed: res}}) if mine.get(m) != res.get(m)]
+            shared = [m for m in metric_names({name: {seed: res}}) if m in mine]
+            differ = [m for m in shared if mine[m] != res[m]]
             if differ:
                 raise SystemExit(f"--merge: {source} disagrees with the runs so far on {name} seed {seed}: {differ}")
+            for k, v in res.items():
+                mine.setdefault(k, v)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         report["commands"] = old.get("commands", [old.get("command")]) + [report["command"]]
         report["date_first"] = old.get("date_first", old.get("date"))
         report["settings"]["seeds"] = sorted({*map(int, old["settings"]["seeds"]), *seeds})
+        report["protocol"]["seg_protocols"] = {**old["protocol"].get("seg_protocols", {}),
+                                               **report["protocol"]["seg_protocols"]}  # fmt: skip
         # wall time of the earlier invocations (if a file lacks it: the sum of its config times)
         spent = sum(r.get("config_seconds", 0.0) for by_seed in report["runs"].values() for r in by_seed.values())
         t_start -= float(old.get("total_seconds", spent))
@@ -500,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         merge_runs(report["runs"], other.get("runs", {}), path)
         report["commands"] += [f"(merged from {path}) {c}" for c in other.get("commands", [other.get("command")])]
         report["settings"]["seeds"] = sorted({*report["settings"]["seeds"], *map(int, other["settings"]["seeds"])})
+        report["protocol"]["seg_protocols"] = {**other["protocol"].get("seg_protocols", {}),
+                                               **report["protocol"]["seg_protocols"]}  # fmt: skip
     report["summary"] = summarise(report["runs"])
     report["verdict"] = verdict(report["runs"], ratios)
     atomic_write_json(out, report)
@@ -507,21 +553,32 @@ def main(argv: list[str] | None = None) -> int:
           f"large labels {large}", flush=True)  # fmt: skip
     for seed in seeds:
         for name, ratio, gran in configs:
-            if str(seed) in report["runs"].get(name, {}):
+            done = report["runs"].get(name, {}).get(str(seed))
+            missing = [p for p in seg_protocols if done is None or f"seg_{p}_dice_all" not in done]
+            if not missing:
                 continue  # finished in an earlier run (--resume)
             t0 = time.time()
             torch.manual_seed(seed)
+            facts: dict[str, Any] = {}
             if ratio is None:
                 from AnatSSLLib.networks.awcl_net import awcl_resnet2d
 
+                # the same weights as the first time: the seed alone decides them
                 encoder = awcl_resnet2d(in_channels=1, backbone=args.backbone, widen_factor=args.widen)
-                facts: dict[str, Any] = {}
+            elif done is not None:  # a protocol added to a finished run: its encoder from the cache
+                from AnatSSLLib.tools.awcl_eval import load_awcl_encoder
+
+                encoder = load_awcl_encoder(done["encoder_id"], cache=cache)
             else:
                 encoder, facts = pretrain(pre, ratio, gran, arch, steps=args.steps, batch_size=args.batch_size,
                                           seed=seed, cache=cache)  # fmt: skip
-            res = evaluate_encoder(encoder, data, train_idx, test_idx, seg_steps=args.seg_steps,
-                                   seg_protocols=seg_protocols, seg_flip=args.seg_flip, seed=seed, large=large)  # fmt: skip
-            res.update(facts, ratio=ratio, granularity=gran, config_seconds=round(time.time() - t0, 1))
+            res = evaluate_encoder(encoder, data, train_idx, test_idx, seg_steps=args.seg_steps, probes=done is None,
+                                   seg_protocols=missing, seg_flip=args.seg_flip, seed=seed, large=large)  # fmt: skip
+            if done is not None:
+                done.update(res, config_seconds=round(done.get("config_seconds", 0.0) + time.time() - t0, 1))
+                res = done
+            else:
+                res.update(facts, ratio=ratio, granularity=gran, config_seconds=round(time.time() - t0, 1))
             report["runs"].setdefault(name, {})[str(seed)] = res
             report["summary"] = summarise(report["runs"])
             report["verdict"] = verdict(report["runs"], ratios)
@@ -530,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {name:18s} probe acc {res['probe_accuracy']:.3f} F1 {res['probe_macro_f1']:.3f} "
                   f"1-subject probe acc {res['probe1_accuracy']:.3f} "
                   + "".join(f"seg {p} dice all {res[f'seg_{p}_dice_all']:.3f} large {res[f'seg_{p}_dice_large']:.3f} "
-                            for p in seg_protocols)
+                            for p in missing)
                   + f"({res['config_seconds']:.0f} s)", flush=True)  # fmt: skip
     report["finished"] = True
     report["total_seconds"] = round(time.time() - t_start, 1)
