@@ -192,10 +192,26 @@ def test_label_scarce_protocols_train_on_one_subject_rotating_with_the_seed(benc
     for protocol in ("frozen1", "finetune1"):
         assert bench.SEG_PROTOCOLS[protocol]["one_subject"] and bench.SEG_PROTOCOLS[protocol]["steps"] == 500
         for seed, subject in ((0, "sub-000"), (1, "sub-001"), (2, "sub-002"), (3, "sub-000")):
-            idx, got = bench.seg_training_images(data, tr, protocol, seed)
+            idx, test, got = bench.seg_images(data, tr, te, protocol, seed)
             assert got == subject and {data.scan_ids[i] for i in idx} == {subject} and len(idx) == 10
-    idx, got = bench.seg_training_images(data, tr, "frozen", 1)
-    assert got is None and np.array_equal(idx, tr)
+            assert np.array_equal(test, te)
+    idx, test, got = bench.seg_images(data, tr, te, "frozen", 1)
+    assert got is None and np.array_equal(idx, tr) and np.array_equal(test, te)
+
+
+def test_cross_contrast_protocols_train_on_t1_and_score_on_t2(bench):
+    data = _toy_set()
+    data.extra["contrast"] = ["t1" if i % 3 else "t2" for i in range(len(data))]
+    tr, te, _ = bench.split_subjects(data, 1)
+    for protocol in ("frozen_t1t2", "finetune_t1t2"):
+        idx, test, subject = bench.seg_images(data, tr, te, protocol, seed=0)
+        assert subject is None and bench.SEG_PROTOCOLS[protocol]["steps"] == 500
+        assert {data.extra["contrast"][i] for i in idx} == {"t1"} and set(idx) <= set(tr)
+        assert {data.extra["contrast"][i] for i in test} == {"t2"} and set(test) <= set(te)
+        assert len(idx) == sum(data.extra["contrast"][i] == "t1" for i in tr)
+    data.extra["contrast"] = ["t1"] * len(data)
+    with pytest.raises(ValueError, match="frozen_t1t2.*t2 test images"):
+        bench.seg_images(data, tr, te, "frozen_t1t2", seed=0)
     assert bench.parse_seg_protocols("frozen1,finetune1") == ["frozen1", "finetune1"]
 
 

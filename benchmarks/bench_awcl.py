@@ -165,18 +165,45 @@ SEG_PROTOCOLS: dict[str, dict[str, Any]] = {
         "doc": "label-scarce, end to end: encoder and decoder trained for 500 steps (~90 epochs) on the label maps of "
                "one training subject (seed s: the (s mod n)-th training subject), Dice on the held-out subjects",
     },
+    # cross-contrast counterparts (the paper's "cross-domain segmentation"): the decoder learns from the
+    # training subjects' T1 planes only and is scored on the held-out subjects' T2 planes. Tag
+    # positives pair T1 and T2 planes of one anatomy; instance contrast never sees such a pair.
+    "frozen_t1t2": {
+        "freeze": True, "train_contrast": "t1", "test_contrast": "t2", "steps": 500,
+        "doc": "cross-contrast, encoder frozen: the decoder trained for 500 steps on the training subjects' T1 planes "
+               "only, Dice on the held-out subjects' T2 planes (the paper's cross-domain segmentation)",
+    },
+    "finetune_t1t2": {
+        "freeze": False, "train_contrast": "t1", "test_contrast": "t2", "steps": 500,
+        "doc": "cross-contrast, end to end: encoder and decoder trained for 500 steps on the training subjects' T1 "
+               "planes only, Dice on the held-out subjects' T2 planes",
+    },
 }  # fmt: skip
 
 
-def seg_training_images(data: TaggedImageSet, train_idx: np.ndarray, protocol: str, seed: int) -> tuple[np.ndarray, str | None]:
-    """The training images of segmentation ``protocol``: every training image, or (a label-scarce
-    protocol) those of the ``seed mod n``-th training subject; and that subject (None for all)."""
-    if not SEG_PROTOCOLS[protocol].get("one_subject"):
-        return train_idx, None
-    scans = np.asarray(data.scan_ids)
-    subjects = sorted(set(scans[train_idx]))
-    subject = subjects[int(seed) % len(subjects)]
-    return train_idx[scans[train_idx] == subject], subject
+def seg_images(
+    data: TaggedImageSet, train_idx: np.ndarray, test_idx: np.ndarray, protocol: str, seed: int,
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """The training and test images of segmentation ``protocol`` and its training subject (None: all).
+
+    Every training image, or (a label-scarce protocol) those of the ``seed mod n``-th training
+    subject; each side restricted to one contrast where the protocol names one (``contrast`` column).
+    """
+    spec = SEG_PROTOCOLS[protocol]
+    subject = None
+    if spec.get("one_subject"):
+        scans = np.asarray(data.scan_ids)
+        subjects = sorted(set(scans[train_idx]))
+        subject = subjects[int(seed) % len(subjects)]
+        train_idx = train_idx[scans[train_idx] == subject]
+    if "train_contrast" in spec:
+        contrast = np.asarray(data.extra.get("contrast", [""] * len(data)))
+        train_idx = train_idx[contrast[train_idx] == spec["train_contrast"]]
+        test_idx = test_idx[contrast[test_idx] == spec["test_contrast"]]
+        if not len(train_idx) or not len(test_idx):
+            raise ValueError(f"segmentation protocol {protocol}: needs {spec['train_contrast']} training and "
+                             f"{spec['test_contrast']} test images (column 'contrast')")  # fmt: skip
+    return train_idx, test_idx, subject
 
 
 def parse_seg_protocols(text: str) -> list[str]:
@@ -204,8 +231,8 @@ def evaluate_encoder(
     for name in seg_protocols:
         t1 = time.time()
         spec = SEG_PROTOCOLS[name]
-        seg_train, subject = seg_training_images(data, train_idx, name, seed)
-        seg = finetune_segmentation(encoder, data, seg_train, test_idx, freeze=spec["freeze"],
+        seg_train, seg_test, subject = seg_images(data, train_idx, test_idx, name, seed)
+        seg = finetune_segmentation(encoder, data, seg_train, seg_test, freeze=spec["freeze"],
                                     steps=spec.get("steps", seg_steps), batch_size=16, lr=1e-3, flip=seg_flip, seed=seed)  # fmt: skip
         dice = seg["dice"]
         big = [dice[k] for k in large if np.isfinite(dice.get(k, float("nan")))]
