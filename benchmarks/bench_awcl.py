@@ -39,6 +39,15 @@ One run, one data set, one backbone, one step budget, one seed list for every co
     set: random init 0.24 against 0.37 for instance contrast, where end to end they differ by 0.01.)
   - ``finetune``: encoder fine-tuned end to end. With every training subject's labels this measures
     the labels more than the pretraining (random init comes within ~0.01 of any pretraining).
+  - ``frozen1``, ``finetune1`` (label-scarce, ours, as the one-subject probe): the same two, trained
+    for 500 steps on the label maps of *one* training subject (seed ``s`` takes the ``s mod n``-th,
+    so the configurations of one seed share it and stay paired).
+  - ``frozen_t1t2``, ``finetune_t1t2`` (cross-contrast, the paper's "cross-domain segmentation"):
+    trained for 500 steps on the training subjects' T1 planes only, scored on the held-out
+    subjects' T2 planes.
+
+  A protocol can be added to a finished run later: ``--resume --seg-protocols NEW`` evaluates the
+  cached encoders of the finished (configuration, seed) pairs under ``NEW`` only.
 
   No random flips by default (``--seg-flip`` turns them on): the planes are in one canonical
   orientation and 14 of the 25 labels are lateralised (``*_left``/``*_right``); a left-right flip
