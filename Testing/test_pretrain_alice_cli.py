@@ -21,6 +21,10 @@ def test_alice_pretrain_cli_caches_a_usable_encoder(population_small, tmp_path):
     assert len(entries) == 1
     encoder = load_encoder("alice-test", cache=EncoderCache(cache, bundled=[]), device="cpu")
     assert encoder.method == "alice" and encoder.spatial_dims == 3 and tuple(encoder.spacing) == (3.0, 3.0, 3.0)
+    # the reference code's optimisation: AdamW, weight decay 0.04, warm-up, cosine, gradient clipping at 3
+    config = encoder.manifest.training["config"]
+    assert (config["optimizer"], config["weight_decay"], config["schedule"], config["grad_clip"]) == ("adamw", 0.04, "cosine", 3.0)
+    assert config["warmup_steps"] == 1
     subject = population_small.subjects[0]
     embedded = EmbeddingStore(encoder, roi_size=32).get(subject.image("t2"))
     assert embedded.features.shape[0] == encoder.manifest.embedding_dim
