@@ -70,12 +70,18 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else None
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     result.update({
         "task": "finetune",
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
+        # every invocation that wrote into this file (runs are added to an existing file)
+        "commands": result.get("commands", [result["command"]] if "command" in result else []) + [command],
         "train_population": args.train, "eval_population": args.eval, "contrast": args.contrast,
         "encoders": {name: {"id": enc.encoder_id, "architecture": enc.manifest.architecture,
-                            "description": enc.manifest.description} for name, enc in encoders.items()},
+                            "description": enc.manifest.description,
+                            # how the encoder was pretrained (optimiser, schedule, clipping), from its manifest
+                            "pretraining_config": (enc.manifest.training or {}).get("config")}
+                     for name, enc in encoders.items()},
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
                      "seed": args.seed, "loss": "MONAI DiceCELoss", "optimizer": "AdamW"},
         "label_sets": {"tissue": TISSUE, "brain": BRAIN, "all": ALL},
@@ -83,6 +89,7 @@ def main(argv=None) -> int:
         "torch_threads": args.threads, "machine": machine_info(),
     })
     result.setdefault("runs", {})
+    write_report(result, out_path)  # the settings and encoders now, the runs as they finish
     targets = [(s.name, s.image(args.contrast), s.labels()) for s in eval_pop.subjects]
     for n in (int(v) for v in args.subjects.split(",")):
         subjects = train_pop.subjects[:n]
