@@ -29,6 +29,7 @@ from AnatSSLLib.methods.alice import (
     mine_views,
     momentum_schedule,
     reconstruction_loss,
+    reference_optimisation,
     teacher_temperature,
     update_centre,
 )
@@ -196,6 +197,18 @@ def test_schedules():
     assert teacher_temperature(15, 30) == pytest.approx(0.009)
     assert teacher_temperature(30, 30) == pytest.approx(0.01)
     assert teacher_temperature(99, 30) == pytest.approx(0.01)
+
+
+def test_reference_optimisation_makes_a_valid_training_config():
+    """The code's recipe: AdamW, weight decay 0.04, 5 % warm-up (at least a step), cosine, clip 3."""
+    from AnatSSLLib.engine import TrainingConfig, lr_factor
+
+    assert reference_optimisation(1200) == {"optimizer": "adamw", "weight_decay": 0.04, "schedule": "cosine",
+                                            "grad_clip": 3.0, "warmup_steps": 60}  # fmt: skip
+    assert reference_optimisation(3)["warmup_steps"] == 1
+    config = TrainingConfig(steps=1200, lr=1e-3, **reference_optimisation(1200))
+    assert lr_factor(0, config) == pytest.approx(1 / 60) and lr_factor(59, config) == pytest.approx(1.0)
+    assert lr_factor(1199, config) == pytest.approx(0.0, abs=1e-9)  # cosine to 0 at the last step
 
 
 # ------------------------------------------------------------------------------------- AliceLoss

@@ -154,15 +154,6 @@ def _run_awcl(args: argparse.Namespace, progress, token) -> object:
     return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
 
 
-# Alice's optimisation as its reference code (METHODS.md 4.5): AdamW with weight decay 0.04 (the
-# code's schedule to 0.4 and its norm/bias exclusion are not in the engine), linear warm-up over the
-# first 5 % of the run (50 of 1000 epochs), cosine decay to 0, gradient norm clipped at 3. Without
-# them (constant lr, no clipping) the DINO token loss swung between ~1e-26 and ~21 from one step to
-# the next at batch 2.
-ALICE_OPTIMISATION = {"optimizer": "adamw", "weight_decay": 0.04, "schedule": "cosine", "grad_clip": 3.0}
-ALICE_WARMUP_FRACTION = 0.05
-
-
 def _run_alice(args: argparse.Namespace, progress, token) -> object:
     """Alice on volumes: same-volume views (overlapping crops under strong augmentation), or views
     of two volumes mined by a cached encoder (:class:`~AnatSSLLib.methods.alice_matcher.EncoderMatcher`;
@@ -171,7 +162,7 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
     from ..datasets import VolumeCrops
     from ..encoders import DEFAULT_INTENSITY
     from ..engine import TrainingConfig, train
-    from ..methods.alice import AliceTask
+    from ..methods.alice import AliceTask, reference_optimisation
     from ..pretraining import default_run_dir
 
     if args.images:
@@ -202,9 +193,8 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
     # "-cos": runs with the reference recipe below; a checkpoint of the earlier constant-lr runs is not resumed
     run_dir = args.run_dir or str(
         default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-n{args.steps}-s{args.seed}{variant}-cos")
-    config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            checkpoint_every=50, checkpoint_dir=run_dir, device=args.device, **ALICE_OPTIMISATION,
-                            warmup_steps=max(1, round(ALICE_WARMUP_FRACTION * args.steps)))  # fmt: skip
+    config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=50,
+                            checkpoint_dir=run_dir, device=args.device, **reference_optimisation(args.steps))  # fmt: skip
     return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
 
 

@@ -29,10 +29,12 @@ cross-volume views are not augmented, as here by default). The second volume is 
 from the step's generator (the code uses the previous iteration's volume, a one-deep queue):
 same distribution, and it keeps the engine's "batch = f(seed, step)" contract.
 
-Not in the engine's loop and therefore not here: separate weight-decay groups (norms and biases
-excluded) and the weight-decay schedule 0.04 -> 0.4; the engine applies one decay to all trained
-parameters. Freezing the prototype layers during the first steps is done with gradient hooks
-(``freeze_last_layer_steps``).
+Optimisation (:func:`reference_optimisation`, used by ``anatssl pretrain --method alice``): the
+code's AdamW with weight decay 0.04, linear warm-up over the first 5 % of the run, cosine decay and
+gradient clipping at 3. Not in the engine's loop and therefore not here: separate weight-decay
+groups (norms and biases excluded) and the weight-decay schedule 0.04 -> 0.4; the engine applies
+one decay to all trained parameters. Freezing the prototype layers during the first steps is done
+with gradient hooks (``freeze_last_layer_steps``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ __all__ = [
     "RecRegion",
     "ema_update",
     "momentum_schedule",
+    "reference_optimisation",
     "teacher_temperature",
     "AliceLoss",
     "AliceModel",
@@ -419,6 +422,20 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> int:
         p_t.mul_(float(m)).add_(p_s.detach().to(p_t.dtype), alpha=1.0 - float(m))
         n += 1
     return n
+
+
+def reference_optimisation(steps: int) -> dict[str, Any]:
+    """:class:`~AnatSSLLib.engine.TrainingConfig` fields of the reference code's optimisation for a
+    run of ``steps`` steps (METHODS.md 4.5): AdamW, weight decay 0.04, linear warm-up over the
+    first 5 % of the steps (the code: 50 of 1000 epochs, at least 1 step), then cosine decay to 0,
+    gradient norm clipped at 3.
+
+    Measured here (``benchmarks/README.md``): with a constant learning rate and no clipping the DINO
+    token loss swung between ~1e-26 and ~21 from step to step at batch 2; with this recipe it stays
+    near 3-4.
+    """
+    return {"optimizer": "adamw", "weight_decay": 0.04, "schedule": "cosine", "grad_clip": 3.0,
+            "warmup_steps": max(1, round(0.05 * int(steps)))}  # fmt: skip
 
 
 def momentum_schedule(step: int, total: int, base: float = 0.996) -> float:
