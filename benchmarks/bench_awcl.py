@@ -578,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.merge:
         other = _same_settings(json.loads(Path(path).read_text()), report, Path(path))
         merge_runs(report["runs"], other.get("runs", {}), path)
-        report["commands"] += [f"(merged from {path}) {c}" for c in other.get("commands", [other.get("command")])]
+        # a report resumed from this one repeats its commands: list each command once
+        report["commands"] += [f"(merged from {path}) {c}" for c in other.get("commands", [other.get("command")])
+                               if c not in report["commands"]]  # fmt: skip
         report["settings"]["seeds"] = sorted({*report["settings"]["seeds"], *map(int, other["settings"]["seeds"])})
         report["protocol"]["seg_protocols"] = {**other["protocol"].get("seg_protocols", {}),
                                                **report["protocol"]["seg_protocols"]}  # fmt: skip
