@@ -234,7 +234,7 @@ def evaluate_encoder(
 
     Segmentation metrics are named ``seg_<protocol>_dice_all`` (mean over the foreground labels),
     ``seg_<protocol>_dice_large`` (mean over ``large``), ``seg_<protocol>_dice_per_label``, ...
-    A protocol's own ``steps`` (the label-scarce ones) replaces ``seg_steps``.
+    A protocol's own ``steps`` (the label-scarce and cross-contrast ones) replaces ``seg_steps``.
     """
     out: dict[str, Any] = _probe_metrics(encoder, data, train_idx, test_idx, probe_column) if probes else {}
     for name in seg_protocols:
