@@ -190,7 +190,8 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
     task = AliceTask(volumes, steps=args.steps, crop=args.crop, view_mode="same" if matcher is None else "mined",
                      matcher=matcher, body_threshold=0.1, use_cafa=not args.no_cafa, use_generative=not args.no_generative, manifest=manifest)
     variant = ("-mined" if matcher is not None else "") + ("-nocafa" if args.no_cafa else "") + ("-nogen" if args.no_generative else "")
-    # "-cos": runs with the reference recipe below; a checkpoint of the earlier constant-lr runs is not resumed
+    # "-cos": runs with the reference recipe below get their own folder; the engine refuses to resume a
+    # checkpoint of the earlier constant-lr runs (other settings), which would otherwise stop the run
     run_dir = args.run_dir or str(
         default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-n{args.steps}-s{args.seed}{variant}-cos")
     config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=50,
