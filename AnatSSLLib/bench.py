@@ -281,11 +281,26 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def git_commit() -> str | None:
+    """The commit of the checkout this library runs from (with ``+dirty`` for uncommitted changes), if any."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
+
+
 def _header(task: str, command: str | None) -> dict[str, Any]:
     return {
         "task": task,
         "schema": SCHEMA_VERSION,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
         "command": command if command is not None else " ".join(shlex.quote(a) for a in sys.argv),
         "library_version": __version__,
         "machine": machine_info(),

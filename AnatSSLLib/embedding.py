@@ -237,15 +237,17 @@ class EmbeddingStore:
             memory, against 23.7 s and 1.5 GB with 96; the landmark error was the same (1.63
             against 1.66 mm, template T1 -> 4 subjects).
         cpu_bfloat16: run the network in bfloat16 on the CPU (None: where the CPU computes it
-            natively, AVX-512 BF16 or AMX). Measured on this project's CI-class CPU: a third less
-            time for a 128 x 144 x 112 window, cosine to the float32 embedding at least 0.9994,
-            landmark error 1.64 against 1.61 mm (template T1 -> 4 subjects). On CUDA the network
-            runs in mixed precision anyway (:func:`AnatSSLLib.device.autocast`).
+            natively, AVX-512 BF16 or AMX). Off by default: it is about a third faster there, but
+            its rounding (cosine to the float32 embedding 0.9994) made one CPU's answers differ
+            from another's by more than noise does (mean landmark error 2.79 against 2.25 mm on
+            one subject), and a scan must get the same landmarks on every workstation. On CUDA the
+            network runs in mixed precision anyway (:func:`AnatSSLLib.device.autocast`).
         overlap: sliding-window overlap fraction.
         max_volumes: how many embedded volumes to keep.
         whiten: whiten each volume's embedding by its own statistics over the anatomy
-            (:func:`whiten_features`); the landmark and segmentation tools turn it on, the search
-            tool keeps the raw embedding (its indexes hold raw vectors).
+            (:func:`whiten_features`): what the landmark and segmentation tools match (the
+            default); the search tool keeps the raw embedding (``whiten=False``: its indexes
+            hold raw vectors).
     """
 
     def __init__(
@@ -256,8 +258,8 @@ class EmbeddingStore:
         overlap: float = 0.25,
         max_volumes: int = 16,
         sw_batch_size: int = 1,
-        cpu_bfloat16: bool | None = None,
-        whiten: bool = False,
+        cpu_bfloat16: bool | None = False,
+        whiten: bool = True,
     ) -> None:
         self.encoder = encoder
         self.whiten = bool(whiten)

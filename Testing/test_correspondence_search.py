@@ -37,9 +37,10 @@ def test_dense_and_gathered_window_search_agree(step_mm, monkeypatch):
         # force the path: the dense one is taken when a window holds over this fraction of its lattice
         monkeypatch.setattr(corr, "_DENSE_WINDOW_FRACTION", 1e-9 if mode == "dense" else 1e9)
         results[mode] = matcher._local_search(support, moving, 0.0, predicted, 16.0, step_mm)  # sigma 0: feats as they are
-    (p_dense, c_dense, b_dense), (p_gather, c_gather, b_gather) = results["dense"], results["gather"]
+    (p_dense, c_dense, b_dense, m_dense), (p_gather, c_gather, b_gather, m_gather) = results["dense"], results["gather"]
     np.testing.assert_allclose(p_dense, p_gather, atol=1e-4)
     np.testing.assert_allclose(c_dense, c_gather, atol=1e-5)
+    np.testing.assert_allclose(m_dense, m_gather, atol=1e-5)  # the rival's margin too
     assert np.array_equal(b_dense, b_gather)
     if step_mm == 0.0:  # every voxel searched: each point's own position is the peak
         np.testing.assert_allclose(p_gather, grid.index_to_physical(truth_kji[:, ::-1]), atol=1.0)  # sub-voxel: within half a voxel

@@ -41,7 +41,7 @@ def test_finetune_cli_learns_tissue_from_one_subject_and_reuses_the_network(popu
     assert main(args) == 0
     meta = json.loads((out / "segmenter.json").read_text())
     assert meta["info"]["init"] == "encoder" and meta["info"]["weights_loaded"] > 0 and meta["label_values"][0] == 0
-    pred = read_image(out / f"{test.name}_t1_labels.nii.gz")
+    pred = read_image(out / "t1_labels.nii.gz")
     truth = read_image(_tissue_labels(test, tmp_path))
     assert pred.same_geometry(truth)  # the label map comes back on the target's own grid
     dice = dice_per_label(pred, truth, TISSUE)

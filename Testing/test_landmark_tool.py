@@ -115,9 +115,9 @@ def test_cli_writes_one_markups_file_per_target(random_encoder, template_2mm, tm
     code = main(["landmarks", "--cache-dir", str(cache_root), "--encoder", encoder.encoder_id, "--reference", str(ref),
                  "--points", str(pts), "--targets", str(tgt), "--out", str(tmp_path / "out")])
     assert code == 0
-    found = read_points(tmp_path / "out" / "subj_t1.mrk.json")
+    found = read_points(tmp_path / "out" / "t1.mrk.json")
     assert found.labels == ["AC", "PC"] and found.confidence is not None
-    doc = json.loads((tmp_path / "out" / "subj_t1.mrk.json").read_text())
+    doc = json.loads((tmp_path / "out" / "t1.mrk.json").read_text())
     assert "confidence=" in doc["markups"][0]["controlPoints"][0]["description"]
     truth = template_2mm.landmarks.subset(["AC", "PC"]).positions + np.array([0.0, 6.0, 0.0])
     assert np.median(np.linalg.norm(found.positions - truth, axis=1)) < 2.0

@@ -388,7 +388,7 @@ def test_cross_modality_segmentation_with_the_default_encoder_to_a_simulated_t2(
     names = {k: v for k, v in template_2mm.label_names.items() if k}
     reference = labelmap_to_segmentation(scene, template_2mm.labels, t1, names=names, closed_surface=False)
     segmenter = CrossModalitySegmenter(EmbeddingStore(load_encoder(None, device="cpu"), whiten=True),
-                                       initial_alignment="registration", match_contrast=True)
+                                       contrast="match")
     node, counts = transfer_segmentation(scene, segmenter, t1, reference, t2)
     assert set(counts) == set(names.values())
     labels, by_value = segmentation_to_labelmap(scene, node, t2)

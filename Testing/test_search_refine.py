@@ -21,7 +21,7 @@ def test_refined_point_search_finds_the_landmark_in_each_subject(template_2mm, p
     for s in subjects:
         (tmp_path / s.name).mkdir()
         paths.append(write_image(s.image("t1"), tmp_path / s.name / "t1.nii.gz"))
-    search = EmbeddingSearch(EmbeddingStore(load_encoder(None, device="cpu")))
+    search = EmbeddingSearch(EmbeddingStore(load_encoder(None, device="cpu"), whiten=False))
     index = search.new_index()
     search.add(index, paths, names=[s.name for s in subjects])
     for label in ("AC", "PC"):

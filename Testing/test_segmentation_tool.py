@@ -197,7 +197,7 @@ def test_cli_writes_one_label_map_per_target(random_encoder, small, tmp_path):
                  "--reference-labels", str(lab), "--targets", str(tgt), "--out", str(tmp_path / "out"),
                  "--labels", "2,3,24,25"])
     assert code == 0
-    out = read_image(tmp_path / "out" / "subj_t2_labels.nii.gz")
+    out = read_image(tmp_path / "out" / "t2_labels.nii.gz")
     assert out.same_geometry(read_image(tgt))
     assert set(np.unique(out.array)) <= {0, 2, 3, 24, 25}
     assert _dice(out.array, np.where(np.isin(small.labels.array, [2, 3, 24, 25]), small.labels.array, 0), 3) > 0.9
@@ -206,4 +206,4 @@ def test_cli_writes_one_label_map_per_target(random_encoder, small, tmp_path):
     bad = write_image(_moved(small.labels, (4.0, 0.0, 0.0)), tmp_path / "bad_labels.nii.gz")
     assert main(["segment", "--cache-dir", str(cache_root), "--encoder", encoder.encoder_id, "--reference", str(ref),
                  "--reference-labels", str(bad), "--targets", str(tgt), "--out", str(tmp_path / "out2")]) == 2
-    assert not (tmp_path / "out2" / "subj_t2_labels.nii.gz").exists()
+    assert not (tmp_path / "out2" / "t2_labels.nii.gz").exists()

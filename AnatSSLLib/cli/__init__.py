@@ -20,12 +20,14 @@ _COMMANDS = ("demo", "pretrain", "finetune", "landmarks", "segment", "index", "s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ._common import CoordinateFriendlyParser
+
+    parser = CoordinateFriendlyParser(
         prog="anatssl",
         description="Anatomy-aware self-supervised encoders and the tools built on them.",
     )
     parser.add_argument("--version", action="version", version=f"anatssl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CoordinateFriendlyParser)
     for name in _COMMANDS:
         module_name = f"{__name__}.{name}_cmd"
         if importlib.util.find_spec(module_name) is None:

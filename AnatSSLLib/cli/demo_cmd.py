@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for contrast, e in errors.items():
         print(f"T1 -> {contrast.upper()}: mean radial error {e.mean():.2f} mm, {100 * np.mean(e < 4):.0f} % within 4 mm")
 
-    search = EmbeddingSearch(EmbeddingStore(encoder))  # the index holds raw embeddings
+    search = EmbeddingSearch(EmbeddingStore(encoder, whiten=False))  # the index holds raw embeddings
     index = search.new_index()
     search.add(index, [s.image("t1") for s in pop.subjects], names=[s.name for s in pop.subjects])
     index.save(out / "index")

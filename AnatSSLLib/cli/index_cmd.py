@@ -51,13 +51,13 @@ def run(args: argparse.Namespace) -> int:
     if args.index_command in ("build", "add"):
         encoder = encoder_from_args(args)
         if args.index_command == "build":
-            search = EmbeddingSearch(EmbeddingStore(encoder, max_volumes=2), grid_mm=args.grid_mm, sigma_mm=args.sigma_mm)
+            search = EmbeddingSearch(EmbeddingStore(encoder, max_volumes=2, whiten=False), grid_mm=args.grid_mm, sigma_mm=args.sigma_mm)
             index = EmbeddingIndex.create(args.index, encoder.encoder_id, int(encoder.manifest.embedding_dim),
                                           kind=args.kind, approximate_threshold=args.threshold,
                                           settings={"grid_mm": args.grid_mm, "sigma_mm": args.sigma_mm})
         else:
             index = EmbeddingIndex.open(args.index)
-            search = EmbeddingSearch(EmbeddingStore(encoder, max_volumes=2), **index.settings)
+            search = EmbeddingSearch(EmbeddingStore(encoder, max_volumes=2, whiten=False), **index.settings)
             search.check_index(index)
         paths = find_volumes(args.volumes, args.pattern)
         bar = tqdm(total=len(paths), desc=f"index {args.index_command}", unit="volume")

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.encoder is None:
         args.encoder = index.encoder_id
     encoder = encoder_from_args(args)
-    search = EmbeddingSearch(EmbeddingStore(encoder), **index.settings)
+    search = EmbeddingSearch(EmbeddingStore(encoder, whiten=False), **index.settings)
     image = read_image(args.image)
     if args.point is not None:
         point = np.asarray(args.point, float)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import add_encoder_options, encoder_from_args, output_stems
+from ._common import add_contrast_option, add_encoder_options, encoder_from_args, output_stems, read_checked_volumes
 
 __all__ = ["add_parser", "run"]
 
@@ -18,8 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Shape-guided label transfer through dense embedding correspondence (LD embeddings, SAM-style "
             "global then local matching): each target is registered to the reference (mutual information) and "
-            "mapped into the reference's contrast, then matched. Writes one label map per target, "
-            "<target name>_labels.nii.gz, on the target's own grid."
+            "mapped into the reference's contrast where its contrast differs, then matched. Writes one label map per "
+            "target, <target name>_labels.nii.gz (<parent folder>_<target name>_labels.nii.gz where two targets share "
+            "a name), on the target's own grid, and beside it <...>_labels.json with the contrast decision."
         ),
     )
     p.add_argument("--reference", required=True, nargs="+", metavar="IMG",
@@ -32,14 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="comma-separated label ids to transfer (default: every non-zero id)")
     p.add_argument("--likelihood-weight", type=float, default=0.0,
                    help="weight of LD's region-embedding likelihood (0: shape prior only, the default)")
-    p.add_argument("--no-whiten", action="store_true",
-                   help="match the raw embedding instead of each volume's whitened one (ablation)")
-    p.add_argument("--initial-alignment", choices=("embedding", "registration"), default="registration",
-                   help="where the dense matching starts: a Mattes-MI affine registration started from the embedding's "
-                        "global affine (default), or that global affine alone")
-    p.add_argument("--no-match-contrast", action="store_true",
-                   help="match the targets as they are, instead of first mapping each into the reference's contrast "
-                        "(joint histogram under the registration affine; measured no worse within one contrast)")
+    add_contrast_option(p)
     p.add_argument("--em-weight", type=float, default=0.0, metavar="BETA",
                    help="weight of the target's own appearance model (one Gaussian per label on its intensities, fitted "
                         "by EM; default 0: off. Measured on T1 -> T2: CSF, GM and WM gain, deep nuclei lose)")
@@ -49,10 +43,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
     from tqdm import tqdm
 
+    from ..contrast import check_contrast_pair
     from ..embedding import EmbeddingStore
-    from ..image import read_image, write_image
+    from ..image import atomic_output, check_volume, read_image, write_image
     from ..tools.segmentation import CrossModalitySegmenter, check_reference_labels
 
     if len(args.reference) != len(args.reference_labels):
@@ -67,24 +65,32 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(f"--labels: expected comma-separated integer ids, got {args.labels!r}") from None
     stems = output_stems(args.targets)
-    references = [read_image(r) for r in args.reference]
+    references = [check_volume(read_image(r), ndim=3, name=f"reference {r}") for r in args.reference]
     ref_labels = [read_image(r) for r in args.reference_labels]
     for image, lab in zip(references, ref_labels):
         check_reference_labels(lab, image)  # before any work: a mismatched pair fails at once
-    encoder = encoder_from_args(args)
+    targets = read_checked_volumes(args.targets)
+    for target in targets:
+        for image in references:
+            check_contrast_pair(image, target, args.contrast)
     if args.em_weight and args.likelihood_weight:
         raise InputError("--em-weight and --likelihood-weight are two appearance models; give one of them")
+    encoder = encoder_from_args(args)
     likelihood = {"likelihood": "gaussian", "likelihood_weight": args.em_weight} if args.em_weight else \
         {"likelihood_weight": args.likelihood_weight}
-    segmenter = CrossModalitySegmenter(EmbeddingStore(encoder, whiten=not args.no_whiten), **likelihood,
-                                       initial_alignment=args.initial_alignment, match_contrast=not args.no_match_contrast)
+    segmenter = CrossModalitySegmenter(EmbeddingStore(encoder, whiten=True), contrast=args.contrast, **likelihood)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path, stem in tqdm(list(zip(args.targets, stems)), desc="segment", unit="target"):
-        target = read_image(path)
+    for path, target, stem in tqdm(list(zip(args.targets, targets, stems)), desc="segment", unit="target"):
         result = segmenter.segment(references, ref_labels, target, labels=labels)
         dest = write_image(result, out / f"{stem}_labels.nii.gz")
+        decisions = [d.describe() for d in segmenter.last_decisions]
+        with atomic_output(out / f"{stem}_labels.json") as tmp:
+            tmp.write_text(json.dumps({
+                "target": str(path), "references": list(args.reference), "encoder": encoder.encoder_id,
+                "contrast": decisions, "labels": sorted(int(v) for v in np.unique(result.array) if v != 0),
+            }, indent=2) + "\n")
         corr = segmenter.last_correspondences[0]
         print(f"{stem}: {dest.name}, {int((result.array != 0).sum())} labelled voxels, "
-              f"{len(corr.confidence)} dense matches (affine from {corr.affine_inliers}/{corr.global_matches})")
+              f"{len(corr.confidence)} dense matches, {'; '.join(decisions)}")
     return 0

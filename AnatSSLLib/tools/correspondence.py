@@ -1,6 +1,6 @@
 """Dense correspondence between two volumes from their embeddings: global affine, then local matching.
 
-SAM's matching order (``shared/METHODS.md`` §3: a global term that rejects distant look-alikes, a
+SAM's matching order (Yan et al., IEEE TMI 2022: a global term that rejects distant look-alikes, a
 local term that pins the voxel) applied to a whole volume, with LD's centre-weighted embeddings
 (§2.5) as the descriptors:
 
@@ -35,23 +35,14 @@ import numpy as np
 
 from ..embedding import EmbeddedVolume, EmbeddingStore
 from ..errors import InputError
+from ..geometry import affine_from_sitk, fit_affine_ransac, foreground_mask, sample_field
+from ..geometry import homogeneous as _homogeneous
 from ..image import Image
 
-__all__ = ["Correspondence", "EmbeddingCorrespondence", "affine_from_sitk", "fit_affine_ransac", "foreground_mask"]
+__all__ = ["ContrastMatch", "Correspondence", "EmbeddingCorrespondence", "affine_from_sitk", "fit_affine_ransac", "foreground_mask"]
 
 
 # ---- small helpers -------------------------------------------------------------------------------
-def foreground_mask(intensity: np.ndarray, threshold: float = 0.05, sigma_vox: float = 1.5) -> np.ndarray:
-    """Anatomy mask of a normalised ``[0, 1]`` volume: smoothed intensity above ``threshold``, holes filled."""
-    from scipy import ndimage
-
-    smooth = ndimage.gaussian_filter(np.asarray(intensity, dtype=np.float32), sigma_vox)
-    mask = smooth > threshold
-    if not mask.any():
-        return np.ones_like(mask)
-    return ndimage.binary_fill_holes(mask)
-
-
 def _kji_to_lps(grid: Image, kji: np.ndarray) -> np.ndarray:
     return grid.index_to_physical(np.asarray(kji, float)[:, ::-1])
 
@@ -72,83 +63,6 @@ def _spread_points(mask: np.ndarray, n: int) -> np.ndarray:
     return pts
 
 
-def _homogeneous(x: np.ndarray) -> np.ndarray:
-    return np.concatenate([x, np.ones((len(x), 1))], axis=1)
-
-
-def fit_affine_ransac(
-    src: np.ndarray,
-    dst: np.ndarray,
-    *,
-    threshold_mm: float = 10.0,
-    iterations: int = 1000,
-    weights: np.ndarray | None = None,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Robust affine ``dst ≈ src @ M[:nd].T + M[nd]`` from point pairs ``(N, nd)`` (mm).
-
-    RANSAC on minimal sets of ``nd + 1`` pairs (the set with most inliers within
-    ``threshold_mm`` wins), then weighted least squares on its inliers, twice. Returns the
-    ``(nd + 1, nd + 1)`` homogeneous matrix (``dst_h = M @ src_h``) and the inlier mask.
-
-    Raises:
-        InputError: fewer than ``nd + 2`` pairs.
-    """
-    src = np.asarray(src, float)
-    dst = np.asarray(dst, float)
-    n, nd = src.shape
-    if n < nd + 2:
-        raise InputError(f"affine fit: need at least {nd + 2} matched points, got {n}")
-    w = np.ones(n) if weights is None else np.asarray(weights, float)
-    rng = np.random.default_rng(seed)
-    xh = _homogeneous(src)
-    best = np.zeros(n, bool)
-    best_score = -1.0
-    for _ in range(iterations):
-        pick = rng.choice(n, nd + 1, replace=False)
-        a = xh[pick]
-        if abs(np.linalg.det(a)) < 1e-6 * max(1.0, np.abs(a).max() ** nd):
-            continue
-        m = np.linalg.solve(a, dst[pick])  # (nd+1, nd)
-        lin = m[:nd].T
-        sv = np.linalg.svd(lin, compute_uv=False)
-        if sv.min() < 0.5 or sv.max() > 2.0:  # implausible scaling: not an anatomy match
-            continue
-        inl = np.linalg.norm(xh @ m - dst, axis=1) < threshold_mm
-        score = float(w[inl].sum())
-        if score > best_score:
-            best_score, best = score, inl
-    if best.sum() < nd + 2:
-        best = np.ones(n, bool)
-    for _ in range(2):
-        sw = np.sqrt(w[best])[:, None]
-        m, *_ = np.linalg.lstsq(xh[best] * sw, dst[best] * sw, rcond=None)
-        best = np.linalg.norm(xh @ m - dst, axis=1) < threshold_mm
-        if best.sum() < nd + 2:
-            best = np.ones(n, bool)
-    sw = np.sqrt(w[best])[:, None]
-    m, *_ = np.linalg.lstsq(xh[best] * sw, dst[best] * sw, rcond=None)
-    out = np.eye(nd + 1)
-    out[:nd, :] = m.T
-    return out, best
-
-
-def affine_from_sitk(transform, nd: int = 3) -> np.ndarray:
-    """The homogeneous ``(nd + 1, nd + 1)`` matrix of any affine SimpleITK transform (LPS mm).
-
-    Read off the images of the origin and of the unit points (exact for an affine map, whatever
-    the transform's class, centre or nesting in a composite).
-    """
-    base = np.asarray(transform.TransformPoint((0.0,) * nd), float)
-    out = np.eye(nd + 1)
-    out[:nd, nd] = base
-    for a in range(nd):
-        unit = [0.0] * nd
-        unit[a] = 100.0
-        out[:nd, a] = (np.asarray(transform.TransformPoint(tuple(unit)), float) - base) / 100.0
-    return out
-
-
 def _gaussian_volume(x, sigma_vox: Sequence[float]):
     """Separable Gaussian (normalised kernel, cut at 3 sigma, zero padding) over the spatial axes of
     ``(C, *S)``: :func:`AnatSSLLib.embedding.gaussian_filter`, whose matrix products run several
@@ -158,29 +72,23 @@ def _gaussian_volume(x, sigma_vox: Sequence[float]):
     return gaussian_filter(x, tuple(float(s) for s in sigma_vox), padding="zeros")
 
 
-def sample_field(field, kji: np.ndarray):
-    """Trilinear/bilinear sample of a ``(C, *S)`` tensor at continuous ``[k, j, i]`` ``(N, nd)`` -> ``(N, C)`` (border clamped)."""
-    import torch
-    import torch.nn.functional as F
-
-    nd = field.ndim - 1
-    shape = np.asarray(field.shape[1:], float)
-    # grid_sample wants (x, y[, z]) = (i, j[, k]) in [-1, 1], align_corners=True
-    norm = 2.0 * np.clip(kji, 0, shape - 1) / np.maximum(shape - 1, 1) - 1.0
-    grid = torch.as_tensor(norm[:, ::-1].copy(), dtype=field.dtype).reshape(1, *([1] * (nd - 1)), -1, nd)
-    out = F.grid_sample(field.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return out.reshape(field.shape[0], -1).T
-
-
 # A multiply-add in a matrix product costs about 1/100 of a gathered one (measured on one CPU
 # thread), so similarities to a whole lattice pay once a window holds more than 1/50 of it.
 _DENSE_WINDOW_FRACTION = 0.02
 
 
-def _window_peaks(sims, wshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+#: a rival peak lies further than this many window steps from the best one on some axis
+_RIVAL_STEPS = 2
+
+
+def _window_peaks(sims, wshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Peaks of ``n`` windows of similarities ``(n, prod(wshape))`` (outside the volume -2): the
     sub-voxel peak in window steps ``(n, nd)`` (a parabola through the neighbours on each axis),
-    its value, and whether it lies on the window's border (then the window may have missed it)."""
+    its value, whether it lies on the window's border (then the window may have missed it), and
+    its margin over the best value away from it (further than ``_RIVAL_STEPS`` on some axis).
+
+    The margin measures ambiguity: a window with a rival almost as good as its peak can jump to
+    the rival on the faintest change of the image, so its match should count for little."""
     nd = len(wshape)
     val, arg = sims.max(dim=1)
     sim_np = sims.numpy().reshape(len(sims), *wshape)
@@ -202,7 +110,14 @@ def _window_peaks(sims, wshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray
         delta = np.where(ok, 0.5 * (va - vc) / np.where(ok, den, -1.0), 0.0)
         sub[:, ax] += np.clip(delta, -0.5, 0.5)
         border |= ~inner
-    return sub, val.numpy(), border
+    import torch
+
+    far = torch.zeros(sims.shape, dtype=torch.bool)
+    for ax, offsets in enumerate(np.unravel_index(np.arange(sims.shape[1]), wshape)):
+        far |= (torch.as_tensor(offsets)[None] - torch.as_tensor(loc[:, ax])[:, None]).abs() > _RIVAL_STEPS
+    rival = sims.masked_fill(~far, -2.0).amax(dim=1).numpy()
+    value = val.numpy()
+    return sub, value, border, value - rival
 
 
 # ---- result ---------------------------------------------------------------------------------------
@@ -268,6 +183,22 @@ class Correspondence:
         return sitk.CompositeTransform([aff, field])
 
 
+@dataclasses.dataclass
+class ContrastMatch:
+    """What :meth:`EmbeddingCorrespondence.match_across_contrasts` found for one pair.
+
+    Attributes:
+        correspondence: the dense map fixed -> moving.
+        fixed / moving: the volumes it was matched on (the target possibly in the reference's contrast).
+        decision: how the target's contrast was handled (:class:`AnatSSLLib.contrast.ContrastDecision`).
+    """
+
+    correspondence: Correspondence
+    fixed: Image
+    moving: Image
+    decision: object
+
+
 # ---- the matcher ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class EmbeddingCorrespondence:
@@ -291,7 +222,9 @@ class EmbeddingCorrespondence:
             every voxel; a 32-channel map of 103 x 106 x 107 voxels smooths in 0.17 s on the
             lattice against 0.72 s at every voxel, one thread).
         field_sigma_mm: Gaussian width of the normalised convolution, one per level (or one for all).
-        keep_quantile: the least confident fraction of each level's matches is dropped.
+        keep_quantile: the least confident fraction of each level's matches is dropped (by a ramp).
+        margin_scale: a dense match counts fully in the field when its peak beats the best value
+            elsewhere in its window by this much (cosine); nearer ties count proportionally less.
         outlier_mm: a match further than this from the smoothed field is dropped before refitting.
         chunk: points per batched gather (bounds memory: ``chunk * window * D`` floats).
     """
@@ -305,6 +238,7 @@ class EmbeddingCorrespondence:
     levels: Sequence[tuple[float, ...]] = ((4.0, 12.0, 4.0), (2.0, 6.0, 0.0))
     field_sigma_mm: float | Sequence[float] = (8.0, 5.0)
     keep_quantile: float = 0.1
+    margin_scale: float = 0.05
     outlier_mm: float = 8.0
     chunk: int = 256
 
@@ -335,13 +269,7 @@ class EmbeddingCorrespondence:
         Raises:
             InputError: a volume of the wrong dimension, or an empty mask.
         """
-        nd = self.store.encoder.spatial_dims
-        for image, role in ((fixed, "fixed"), (moving, "moving")):
-            if image.ndim != nd:
-                raise InputError(
-                    f"{image.name} ({role}): expected a {nd}D image for encoder {self.store.encoder.encoder_id}, "
-                    f"got a {image.ndim}D image of shape {image.array.shape}"
-                )
+        nd = self._check_dims(fixed, moving)
         fe = self.store.get(fixed)
         me = self.store.get(moving)
         mask = self._mask(fe, fixed_mask)
@@ -358,65 +286,90 @@ class EmbeddingCorrespondence:
         fixed: Image,
         moving: Image,
         *,
+        target: str = "moving",
+        contrast: str = "auto",
         initial_alignment: str = "embedding",
-        remapped: str | None = None,
         passes: int = 1,
-    ) -> tuple[Correspondence, Image, Image]:
-        """:meth:`match` for volumes of two contrasts, as the landmark and segmentation tools run it.
+    ) -> "ContrastMatch":
+        """:meth:`match` for a reference and a target that may differ in contrast, as the landmark
+        and segmentation tools run it.
+
+        The embedding's global affine of the two volumes comes first. With ``contrast="auto"`` the
+        two volumes' intensities are compared under it (:func:`AnatSSLLib.contrast.intensity_correlation`):
+        a target that correlates with the reference (the same contrast) is matched as it is, any
+        other is first mapped into the reference's contrast (:func:`AnatSSLLib.contrast.fit_intensity_transfer`,
+        read through :meth:`registered_affine`) and matched in its place, from that affine.
 
         Args:
-            initial_alignment: ``"embedding"`` (:meth:`match`'s own global affine) or
-                ``"registration"`` (the local levels start from :meth:`registered_affine`).
-            remapped: ``None``, or which volume (``"fixed"`` or ``"moving"``) is first mapped into the
-                other's contrast (:func:`AnatSSLLib.contrast.fit_intensity_transfer`, read through
-                :meth:`registered_affine`) and matched in its place.
-            passes: with ``remapped``, how many times the transfer is fitted: the first through the
-                affine, each further one through the previous correspondence (then matched again).
+            target: which volume is the target (``"fixed"`` or ``"moving"``); the other is the reference.
+            contrast: ``"auto"`` (decide from the intensities), ``"same"`` (never map) or ``"match"`` (always map).
+            initial_alignment: for a target matched as it is, where the local levels start:
+                ``"embedding"`` (the global affine) or ``"registration"`` (:meth:`registered_affine`).
+            passes: for a mapped target, how many times the transfer is fitted: the first through
+                the affine, each further one through the previous correspondence (then matched again).
 
-        Returns:
-            the correspondence fixed -> moving, and the fixed and moving volumes it was matched on
-            (one of them the remapped copy).
+        Raises:
+            InputError: a CT and an MR volume (:func:`AnatSSLLib.contrast.check_contrast_pair`),
+                volumes of the wrong dimension, or volumes whose anatomy does not overlap.
         """
-        if remapped not in (None, "fixed", "moving"):
-            raise InputError(f"remapped must be None, 'fixed' or 'moving', got {remapped!r}")
-        affine = None
-        if initial_alignment == "registration" or remapped:
-            affine = self.registered_affine(fixed, moving)
-        start = affine if initial_alignment == "registration" else None
-        if remapped is None:
-            return self.match(fixed, moving, initial_affine=start), fixed, moving
-        from ..contrast import fit_intensity_transfer
+        from ..contrast import check_contrast_choice, check_contrast_pair, decide_contrast, fit_intensity_transfer, intensity_correlation
 
+        if target not in ("fixed", "moving"):
+            raise InputError(f"target must be 'fixed' or 'moving', got {target!r}")
+        if initial_alignment not in ("embedding", "registration"):
+            raise InputError(f"initial_alignment must be 'embedding' or 'registration', got {initial_alignment!r}")
+        check_contrast_choice(contrast)
+        reference_image, target_image = (moving, fixed) if target == "fixed" else (fixed, moving)
+        check_contrast_pair(reference_image, target_image, contrast)
+        self._check_dims(fixed, moving)
+        fe, me = self.store.get(fixed), self.store.get(moving)
+        mask = self._mask(fe, None)
+        global_affine, n_global, n_inl = self.global_affine(fe, me, mask)
+        correlation = None
+        if contrast == "auto":  # over the reference's tissue, read in the target
+            if target == "moving":
+                correlation = intensity_correlation(fe.intensity, fe.grid, me.intensity, me.grid, global_affine)
+            else:
+                correlation = intensity_correlation(me.intensity, me.grid, fe.intensity, fe.grid, np.linalg.inv(global_affine))
+        decision = decide_contrast(correlation, contrast)
+        if decision.mode == "same":
+            if initial_alignment == "registration":
+                corr = self.local(fe, me, mask, self.registered_affine(fixed, moving, seed=global_affine), n_global, n_inl)
+            else:
+                corr = self.local(fe, me, mask, global_affine, n_global, n_inl)
+            return ContrastMatch(corr, fixed, moving, decision)
+        affine = self.registered_affine(fixed, moving, seed=global_affine)
         through = affine  # the first transfer is read through the registration affine
         for _ in range(int(passes)):
-            if remapped == "moving":  # the fixed -> moving map samples the fixed volume and reads the moving one
+            if target == "moving":  # the fixed -> moving map samples the fixed volume and reads the moving one
                 matched_fixed, matched_moving = fixed, fit_intensity_transfer(moving, fixed, through).apply(moving)
             else:
                 matched_fixed = fit_intensity_transfer(fixed, moving, source_to_reference=through).apply(fixed)
                 matched_moving = moving
-            corr = self.match(matched_fixed, matched_moving, initial_affine=start)
+            corr = self.match(matched_fixed, matched_moving, initial_affine=affine)
             through = corr.transform_points
-        return corr, matched_fixed, matched_moving
+        return ContrastMatch(corr, matched_fixed, matched_moving, decision)
 
-    def registered_affine(self, fixed: Image, moving: Image) -> np.ndarray:
+    def registered_affine(self, fixed: Image, moving: Image, seed: np.ndarray | None = None) -> np.ndarray:
         """Fixed -> moving affine (homogeneous, LPS mm) from a SimpleITK Mattes mutual-information
-        registration (:func:`AnatSSLLib.baselines.registration.register`) started from this
-        matcher's global affine of the two embeddings, in place of the alignment of intensity moments.
+        registration (:func:`AnatSSLLib.baselines.registration.register`) started from ``seed``
+        (default: this matcher's global affine of the two embeddings) instead of the alignment of
+        intensity moments.
 
         Mutual information works across contrasts, the embedding's RANSAC-fitted matches are
         robust to fields of view that differ; the start is kept when the registration ends at a
-        worse mutual information. Measured on a thick-slice (6 mm) T2 subject: registration from
-        the moments 34.7 mm off at the AFIDs, from the true affine still 34.1 mm, the embedding's
-        start kept at 4.4 mm; on the 4 benchmark subjects of ``eval10`` the landmark tool's
-        cross-contrast errors were unchanged (3.11 against 3.12 mm).
+        worse mutual information (a thick-slice, 6 mm, T2 subject: registration from the moments
+        ended 34.7 mm off at the landmarks, the embedding's start was kept at 4.4 mm). The metric
+        runs on one thread, so the answer does not depend on the machine's thread count.
         """
         from ..baselines.registration import RegistrationSettings, register
 
-        fe, me = self.store.get(fixed), self.store.get(moving)
-        seed = self.global_affine(fe, me, self._mask(fe, None))[0]
+        if seed is None:
+            fe, me = self.store.get(fixed), self.store.get(moving)
+            seed = self.global_affine(fe, me, self._mask(fe, None))[0]
         # the pyramid stops at shrink 2 (4 mm at 2 mm voxels): the embedding's local levels refine
         # from there, and the full-resolution level only cost time
-        coarse = RegistrationSettings(affine_shrink=(4, 2), affine_sigmas_mm=(4.0, 2.0))
+        coarse = RegistrationSettings(affine_shrink=(4, 2), affine_sigmas_mm=(4.0, 2.0), threads=1)
         return affine_from_sitk(register(fixed, moving, "affine", settings=coarse, initial=seed))
 
     def global_affine(self, fe: EmbeddedVolume, me: EmbeddedVolume, mask: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -441,7 +394,7 @@ class EmbeddingCorrespondence:
             support = fe.smoothed_features(sigma)[(slice(None),) + tuple(pts.T)].T
             if np.isfinite(radius):
                 pred = _homogeneous(src) @ affine[:nd].T
-                dst, conf, border = self._local_search(support, me, sigma, pred, radius, step)
+                dst, conf, border, _ = self._local_search(support, me, sigma, pred, radius, step)
                 keep = ~border
             else:
                 mf = me.smoothed_features(sigma)
@@ -510,13 +463,12 @@ class EmbeddingCorrespondence:
             step_mm = float(spec[2]) if len(spec) > 2 else 0.0
             predicted = corr.transform_points(fixed_lps)
             support = fe.smoothed_features(sigma)[(slice(None),) + tuple(pts.T)].T
-            found, conf, border = self._local_search(support, me, sigma, predicted, radius, step_mm)
-            good = ~border
-            if good.sum() > 0:
-                good &= conf >= np.quantile(conf[good], self.keep_quantile)
+            found, conf, border, margin = self._local_search(support, me, sigma, predicted, radius, step_mm)
+            weight = self._match_weights(conf, border, margin)
+            good = weight > 0
             field_sigma = float(sigmas[min(level, len(sigmas) - 1)])
             u, kept = self._fit_field(fe.grid, pts[good], found[good] - corr.affine_points(fixed_lps[good]),
-                                      conf[good], field_sigma)
+                                      weight[good], field_sigma)
             sel = np.flatnonzero(good)[kept]
             corr = dataclasses.replace(
                 corr, displacement=u, fixed_points=fixed_lps[sel], moving_points=found[sel], confidence=conf[sel]
@@ -524,6 +476,28 @@ class EmbeddingCorrespondence:
         return corr
 
     # -- internals ------------------------------------------------------------------------------
+    def _match_weights(self, conf: np.ndarray, border: np.ndarray, margin: np.ndarray) -> np.ndarray:
+        """Weight of each dense match in the field: its confidence, times how clearly it beats its
+        window's rival (full from ``margin_scale`` on), times a ramp that drops the least confident
+        ``keep_quantile`` (from half to one and a half times that quantile). Every factor moves
+        smoothly with the similarities, so noise far below a scanner's cannot switch a match in or out."""
+        weight = np.where(border, 0.0, np.clip(conf, 0.05, None) * np.clip(margin / self.margin_scale, 0.0, 1.0))
+        inner = ~border
+        if inner.sum() > 0 and self.keep_quantile > 0:
+            lo, hi = np.quantile(conf[inner], [0.5 * self.keep_quantile, min(1.0, 1.5 * self.keep_quantile)])
+            weight = weight * np.clip((conf - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        return weight
+
+    def _check_dims(self, fixed: Image, moving: Image) -> int:
+        nd = self.store.encoder.spatial_dims
+        for image, role in ((fixed, "fixed"), (moving, "moving")):
+            if image.ndim != nd:
+                raise InputError(
+                    f"{image.name} ({role}): expected a {nd}D image for encoder {self.store.encoder.encoder_id}, "
+                    f"got a {image.ndim}D image of shape {image.array.shape}"
+                )
+        return nd
+
     def _mask(self, fe: EmbeddedVolume, fixed_mask) -> np.ndarray:
         if fixed_mask is None:
             return foreground_mask(fe.intensity)
@@ -557,7 +531,7 @@ class EmbeddingCorrespondence:
         return peaks, conf
 
     def _local_search(self, support, me: EmbeddedVolume, sigma_mm: float, predicted_lps: np.ndarray, radius_mm: float, step_mm: float = 0.0):
-        """Windowed argmax around predicted moving positions; returns LPS peaks, confidence, at-border flags.
+        """Windowed argmax around predicted moving positions; returns LPS peaks, confidence, at-border flags, margins over the rival (:func:`_window_peaks`).
 
         The window holds every ``step_mm`` (at least every voxel) within ``radius_mm`` of the centre.
         With a step of ``s`` voxels the search runs on the map computed on every ``s``-th voxel only
@@ -596,6 +570,7 @@ class EmbeddingCorrespondence:
         peaks = np.zeros((n, nd))
         conf = np.zeros(n)
         border = np.zeros(n, bool)
+        margin = np.zeros(n)
         # window positions axis by axis, (n, w_a) each, broadcast to the (n, *wshape) window: a
         # window's flat index and its outside-the-volume flags cost O(n * sum w_a), not O(n * O * nd)
         axis_offsets = [torch.arange(-int(r), int(r) + 1) for r in rad]
@@ -619,12 +594,17 @@ class EmbeddingCorrespondence:
                 rows = table.index_select(0, idx.reshape(-1)).reshape(m, -1, table.shape[1])
                 sims = torch.bmm(support[which, None, :], rows.transpose(1, 2))[:, 0]  # n, O
             sims[outside] = -2.0
-            peaks[which], conf[which], border[which] = _window_peaks(sims, wshape)
+            peaks[which], conf[which], border[which], margin[which] = _window_peaks(sims, wshape)
         peaks = centres + (peaks - rad)
-        return _kji_to_lps(grid, peaks), conf, border
+        return _kji_to_lps(grid, peaks), conf, border, margin
 
-    def _fit_field(self, grid: Image, pts: np.ndarray, disp: np.ndarray, conf: np.ndarray, sigma_mm: float):
-        """Normalised Gaussian convolution of sparse displacements ``(N, nd)`` at voxels ``pts`` -> ``(nd, *S)``, kept mask."""
+    def _fit_field(self, grid: Image, pts: np.ndarray, disp: np.ndarray, weights: np.ndarray, sigma_mm: float):
+        """Normalised Gaussian convolution of sparse displacements ``(N, nd)`` at voxels ``pts``
+        (weighted by ``weights``) -> ``(nd, *S)``, and the mask of matches kept.
+
+        Twice: the second pass down-weights matches far from the first field, fully from
+        ``outlier_mm``, to zero at twice that (a ramp, not a cut, for the same reason as
+        :meth:`_match_weights`)."""
         import torch
 
         nd = grid.ndim
@@ -634,12 +614,11 @@ class EmbeddingCorrespondence:
         u = torch.zeros((nd, *shape), dtype=torch.float32)
         if len(pts) == 0:
             return u, kept
-        w = np.clip(conf, 0.05, None)
+        w = np.asarray(weights, float)
+        flat = torch.as_tensor(np.ravel_multi_index(tuple(pts.T), shape))
         for it in range(2):
             num = torch.zeros((nd + 1, *shape), dtype=torch.float32)
-            p = pts[kept]
-            flat = torch.as_tensor(np.ravel_multi_index(tuple(p.T), shape))
-            vals = np.concatenate([disp[kept] * w[kept, None], w[kept, None]], axis=1)
+            vals = np.concatenate([disp * w[:, None], w[:, None]], axis=1)
             num.reshape(nd + 1, -1).index_add_(1, flat, torch.as_tensor(vals.T, dtype=torch.float32))
             sm = _gaussian_volume(num, sigma_vox)
             den = sm[nd : nd + 1]
@@ -648,9 +627,10 @@ class EmbeddingCorrespondence:
             u = sm[:nd] / torch.clamp(den, min=1e-12) * (den / (den + floor))
             if it == 1:
                 break
-            res = disp - sample_field(u, pts.astype(float)).numpy()
-            new = np.linalg.norm(res, axis=1) <= self.outlier_mm
-            if new.sum() < max(nd + 2, 0.3 * len(pts)) or np.array_equal(new, kept):
+            res = np.linalg.norm(disp - sample_field(u, pts.astype(float)).numpy(), axis=1)
+            robust = np.clip(2.0 - res / self.outlier_mm, 0.0, 1.0)
+            if (robust > 0).sum() < max(nd + 2, 0.3 * len(pts)):
                 break
-            kept = new
+            w = w * robust
+            kept = robust > 0
         return u, kept

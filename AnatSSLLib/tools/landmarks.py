@@ -1,7 +1,7 @@
 """One-shot landmark localisation by centre-sensitive embedding matching (LD, Chen et al. TPAMI 2023).
 
 A landmark clicked on a reference volume is found in target volumes by comparing dense
-embeddings (LD §2.5 in ``shared/METHODS.md``):
+embeddings (LD, Chen et al. TPAMI 2023, section 3.4):
 
 1. Both volumes are embedded once (:class:`~AnatSSLLib.embedding.EmbeddingStore`).
 2. The embeddings are averaged by a Gaussian kernel W_c peaked at each voxel and re-normalised
@@ -19,13 +19,17 @@ Two strategies:
   parameters here (default ``sigmas_mm=(8.0, 4.0, 2.0)``).
 - ``"correspondence"`` (default; global then local, our addition in the spirit of SAM's
   coarse-to-fine matching): a dense embedding correspondence between reference and target
-  (:class:`~AnatSSLLib.tools.correspondence.EmbeddingCorrespondence`: a foreground-aligned affine
-  refined by windowed centre-weighted matching of a grid of points, RANSAC, and a smooth
+  (:class:`~AnatSSLLib.tools.correspondence.EmbeddingCorrespondence`: the embedding's global
+  affine, refined by windowed centre-weighted matching of a grid of points and a smooth
   displacement field) carries every point; the confidence is the centre-weighted cosine
   similarity at the answer (finest kernel). A single global argmax is fragile where anatomy
-  repeats (measured: tens of mm off across subjects with a CPU-trained LD encoder), while the
-  field pools hundreds of matches. The correspondence is kept per (reference, target) pair, so
-  adding a point later costs milliseconds.
+  repeats, while the field pools hundreds of matches. The correspondence is kept per
+  (reference, target) pair, so adding a point later costs milliseconds.
+
+Targets of another contrast than the reference (a T1 reference, T2, PD or FLAIR targets) are
+found out per target and mapped into the reference's contrast before matching
+(``contrast="auto"``, :meth:`~AnatSSLLib.tools.correspondence.EmbeddingCorrespondence.match_across_contrasts`);
+the decision is kept with each result.
 """
 
 from __future__ import annotations
@@ -37,31 +41,12 @@ import numpy as np
 
 from ..embedding import EmbeddedVolume, EmbeddingStore
 from ..errors import InputError
+from ..geometry import sample_unit_vectors
 from ..image import Image
 from ..peaks import subvoxel_peak
 from ..points import PointSet
 
 __all__ = ["EncoderLandmarks", "LandmarkLocator", "locate_landmarks"]
-
-
-def _sample_trilinear(features, index_kji: np.ndarray):
-    """Features ``(D, *S)`` at continuous ``[k, j, i]`` positions ``(N, nd)`` -> ``(N, D)``."""
-    import torch
-
-    nd = features.ndim - 1
-    shape = np.asarray(features.shape[1:], dtype=float)
-    idx = np.clip(index_kji, 0, shape - 1)
-    base = np.floor(idx).astype(int)
-    base = np.minimum(base, np.maximum(shape.astype(int) - 2, 0))
-    frac = idx - base
-    out = 0
-    for corner in np.ndindex(*(2,) * nd):
-        c = np.asarray(corner)
-        pos = np.minimum(base + c, shape.astype(int) - 1)
-        w = np.prod(np.where(c == 1, frac, 1 - frac), axis=1)
-        vals = features[(slice(None),) + tuple(torch.as_tensor(pos[:, a]) for a in range(nd))]  # D, N
-        out = out + vals * torch.as_tensor(w, dtype=features.dtype)
-    return torch.nn.functional.normalize(out.T, dim=1)
 
 
 @dataclasses.dataclass
@@ -73,29 +58,32 @@ class LandmarkLocator:
         sigmas_mm: Gaussian kernel widths, coarse to fine (mm).
         search_radius_mm: how far from the previous scale's peak a finer scale may move.
         strategy: ``"correspondence"`` (default) or ``"argmax"`` (LD as published), see the module docstring.
-        initial_alignment: with ``"correspondence"``, where the dense matching starts:
-            ``"embedding"`` (the global affine from embedding matches) or ``"registration"`` (a
-            SimpleITK Mattes mutual-information affine registration, then the embedding's local
-            levels: for targets of another contrast, where the embedding's global matches are weak).
-        match_contrast: with ``"correspondence"``, map each target's intensities into the
-            reference's contrast before matching (:mod:`AnatSSLLib.contrast`: the transfer function
-            ``E[reference | target]`` read off the two volumes under a SimpleITK affine registration,
-            :meth:`~AnatSSLLib.tools.correspondence.EmbeddingCorrespondence.registered_affine`),
-            so that a T1 reference is matched to a pseudo-T1 copy of a T2 target. For targets of
-            another contrast than the reference (our addition; measured in ``benchmarks/README.md``).
-        contrast_passes: with ``match_contrast``, how many times the transfer function is fitted:
+        contrast: with ``"correspondence"``, how a target's contrast is handled: ``"auto"``
+            (default: decided per target from the two volumes' intensities under the embedding's
+            global affine; another contrast is mapped into the reference's before matching, see
+            :mod:`AnatSSLLib.contrast`), ``"same"`` (never mapped) or ``"match"`` (always mapped).
+        initial_alignment: with ``"correspondence"``, where the dense matching of a target in the
+            reference's contrast starts: ``"embedding"`` (the embedding's global affine, the
+            default) or ``"registration"`` (a SimpleITK Mattes mutual-information affine). A
+            mapped target always starts from the registration.
+        contrast_passes: for a mapped target, how many times the transfer function is fitted:
             the first under the affine, each further one through the previous dense correspondence
             (then the target is matched again).
+
+    Attributes:
+        last_decisions: the :class:`~AnatSSLLib.contrast.ContrastDecision` of each target of the
+            last :meth:`locate` call (None with ``"argmax"``).
     """
 
     store: EmbeddingStore
     sigmas_mm: Sequence[float] = (8.0, 4.0, 2.0)
     search_radius_mm: float = 12.0
     strategy: str = "correspondence"
+    contrast: str = "auto"
     initial_alignment: str = "embedding"
-    match_contrast: bool = False
     contrast_passes: int = 1
     _maps: dict = dataclasses.field(default_factory=dict, repr=False)
+    last_decisions: list = dataclasses.field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("correspondence", "argmax"):
@@ -106,6 +94,18 @@ class LandmarkLocator:
             )
         if int(self.contrast_passes) < 1:
             raise InputError(f"contrast_passes must be at least 1, got {self.contrast_passes!r}")
+        from ..contrast import check_contrast_choice
+
+        check_contrast_choice(self.contrast)
+
+    @classmethod
+    def for_encoder(cls, encoder, **options) -> "LandmarkLocator":
+        """The locator with the tool's defaults on ``encoder`` (a :class:`~AnatSSLLib.encoders.LoadedEncoder`,
+        a cache id or name, or None for the bundled default), matching whitened embeddings."""
+        from ..encoders import encoder_for_tool
+
+        enc = encoder_for_tool(encoder, "the landmark tool")
+        return cls(EmbeddingStore(enc, whiten=True), **options)
 
     def locate(
         self,
@@ -130,16 +130,19 @@ class LandmarkLocator:
             raise InputError(f"reference points outside the reference image {reference.name}: {bad}")
         ref = self.store.get(reference)
         results = []
+        self.last_decisions = []
         for n, target in enumerate(targets):
+            decision = None
             if self.strategy == "correspondence":
-                positions, conf = self._carry(reference, ref, points.positions, target)
+                positions, conf, decision = self._carry(reference, ref, points.positions, target)
             else:
                 positions, conf = self._match(ref, points.positions, self.store.get(target))
+            self.last_decisions.append(decision)
             results.append(
                 PointSet(
                     labels=list(points.labels),
                     positions=positions,
-                    descriptions=[f"confidence={c:.3f}" for c in conf],
+                    descriptions=None if decision is None else [decision.describe()] * len(points),
                     confidence=conf,
                 )
             )
@@ -160,32 +163,26 @@ class LandmarkLocator:
             ref.smoothed_features(sigma)
 
     def _carry(self, reference: Image, ref: EmbeddedVolume, ref_lps: np.ndarray, target: Image):
-        """Points through the cached dense correspondence reference -> target, with confidences."""
+        """Points through the cached dense correspondence reference -> target, their confidences,
+        and the target's contrast decision."""
         from ..embedding import volume_key
-
-        key = (volume_key(reference), volume_key(target), self.initial_alignment, self.match_contrast, int(self.contrast_passes))
-        if key not in self._maps:
-            self._maps[key] = self._correspondence(reference, target)
-            while len(self._maps) > 4 * self.store.max_volumes:
-                self._maps.pop(next(iter(self._maps)))
-        corr, matched = self._maps[key]
-        positions = corr.transform_points(ref_lps)
-        sigma = min(self.sigmas_mm)
-        tgt = self.store.get(matched)
-        support = _sample_trilinear(ref.smoothed_features(sigma), ref.grid.physical_to_index(ref_lps)[:, ::-1])
-        found = _sample_trilinear(tgt.smoothed_features(sigma), tgt.grid.physical_to_index(positions)[:, ::-1])
-        return positions, (support * found).sum(dim=1).numpy()
-
-    def _correspondence(self, reference: Image, target: Image):
-        """The dense map reference -> target, and the volume it was matched on (``target``, or its
-        copy in the reference's contrast with ``match_contrast``)."""
         from .correspondence import EmbeddingCorrespondence
 
-        corr, _, matched = EmbeddingCorrespondence(self.store).match_across_contrasts(
-            reference, target, initial_alignment=self.initial_alignment,
-            remapped="moving" if self.match_contrast else None, passes=self.contrast_passes,
-        )  # fmt: skip
-        return corr, matched
+        key = (volume_key(reference), volume_key(target), self.contrast, self.initial_alignment, int(self.contrast_passes))
+        if key not in self._maps:
+            self._maps[key] = EmbeddingCorrespondence(self.store).match_across_contrasts(
+                reference, target, target="moving", contrast=self.contrast,
+                initial_alignment=self.initial_alignment, passes=self.contrast_passes,
+            )  # fmt: skip
+            while len(self._maps) > 4 * self.store.max_volumes:
+                self._maps.pop(next(iter(self._maps)))
+        match = self._maps[key]
+        positions = match.correspondence.transform_points(ref_lps)
+        sigma = min(self.sigmas_mm)
+        tgt = self.store.get(match.moving)
+        support = sample_unit_vectors(ref.smoothed_features(sigma), ref.grid.physical_to_index(ref_lps)[:, ::-1])
+        found = sample_unit_vectors(tgt.smoothed_features(sigma), tgt.grid.physical_to_index(positions)[:, ::-1])
+        return positions, (support * found).sum(dim=1).numpy(), match.decision
 
     def carry(self, reference: Image, point_lps: np.ndarray, target: Image) -> tuple[np.ndarray, float]:
         """One point of ``reference`` (LPS mm) found in ``target`` by :meth:`locate` (with the default
@@ -205,7 +202,7 @@ class LandmarkLocator:
         peaks = None  # (N, nd) in target [k, j, i]; the first (widest) scale searches the whole target
         conf = np.zeros(len(ref_lps))
         for sigma in self.sigmas_mm:
-            support = _sample_trilinear(ref.smoothed_features(sigma), ref_kji)  # N, D
+            support = sample_unit_vectors(ref.smoothed_features(sigma), ref_kji)  # N, D
             feats = tgt.smoothed_features(sigma)  # D, *S
             flat = feats.reshape(feats.shape[0], -1)
             new_peaks = np.zeros((len(ref_lps), nd))
@@ -268,10 +265,10 @@ class EncoderLandmarks:
 
         enc = encoder_for_tool(encoder, "the landmark tool", device=device, random_weights=random_weights)
         self.name = "random-encoder" if random_weights else "encoder"
+        if options.get("contrast", "auto") != "auto":
+            self.name += f"+{options['contrast']}"
         if options.get("initial_alignment") == "registration":
             self.name += "+registration"
-        if options.get("match_contrast"):
-            self.name += "+contrast"
         if not whiten:
             self.name += "-raw"
         self.locator = LandmarkLocator(EmbeddingStore(enc, whiten=whiten), **options)
@@ -290,31 +287,23 @@ class EncoderLandmarks:
 
 
 def _register_benchmark_methods() -> None:
-    """Add the encoder methods (``"encoder"``, ``"random-encoder"``, ``"encoder+registration"``,
-    ``"encoder-raw"``) to :data:`AnatSSLLib.bench.LANDMARK_METHODS`."""
+    """Add the encoder methods to :data:`AnatSSLLib.bench.LANDMARK_METHODS`: ``"encoder"`` (the
+    tool's defaults), ``"random-encoder"`` (the same with random weights), the contrast ablations
+    ``"encoder+same"`` / ``"encoder+match"`` and ``"encoder-raw"`` (no whitening)."""
     try:
         from .. import bench
     except Exception:  # the benchmark module is optional for the tool
         return
-    bench.LANDMARK_METHODS.setdefault("encoder", lambda encoder=None, **o: EncoderLandmarks(encoder, **o))
-    bench.LANDMARK_METHODS.setdefault(
-        "random-encoder", lambda encoder=None, **o: EncoderLandmarks(encoder, random_weights=True, **o)
-    )
-    bench.LANDMARK_METHODS.setdefault(
-        "encoder+registration",
-        lambda encoder=None, **o: EncoderLandmarks(encoder, initial_alignment="registration", **o),
-    )
-    bench.LANDMARK_METHODS.setdefault(
-        "encoder+registration+contrast",
-        lambda encoder=None, **o: EncoderLandmarks(encoder, initial_alignment="registration", match_contrast=True, **o),
-    )
-    bench.LANDMARK_METHODS.setdefault(
-        "random-encoder+registration+contrast",
-        lambda encoder=None, **o: EncoderLandmarks(encoder, random_weights=True, initial_alignment="registration",
-                                                   match_contrast=True, **o),
-    )
-    # the ablation: the raw embedding, as before per-volume whitening
-    bench.LANDMARK_METHODS.setdefault("encoder-raw", lambda encoder=None, **o: EncoderLandmarks(encoder, whiten=False, **o))
+    methods = {
+        "encoder": {},
+        "random-encoder": {"random_weights": True},
+        "encoder+same": {"contrast": "same"},
+        "encoder+match": {"contrast": "match"},
+        "random-encoder+match": {"random_weights": True, "contrast": "match"},
+        "encoder-raw": {"whiten": False},
+    }
+    for name, fixed in methods.items():
+        bench.LANDMARK_METHODS.setdefault(name, lambda encoder=None, _fixed=fixed, **o: EncoderLandmarks(encoder, **_fixed, **o))
 
 
 _register_benchmark_methods()

@@ -28,7 +28,8 @@ from ..embedding import EmbeddedVolume, EmbeddingStore, volume_key
 from ..errors import InputError
 from ..image import Image, read_image
 from ..index import EmbeddingIndex, IndexedVolume, SearchHit
-from .landmarks import LandmarkLocator, _sample_trilinear
+from ..geometry import sample_unit_vectors as _sample_trilinear
+from .landmarks import LandmarkLocator
 
 __all__ = ["EmbeddingSearch", "region_entries"]
 
@@ -205,7 +206,7 @@ class EncoderSearch:
         enc = encoder_for_tool(encoder, "the search benchmark", device=device, random_weights=random_weights)
         self.name = ("random-encoder" if random_weights else "encoder") + ("+refine" if refine else "")
         self.refine = refine
-        self.search = EmbeddingSearch(EmbeddingStore(enc, max_volumes=64), **options)
+        self.search = EmbeddingSearch(EmbeddingStore(enc, max_volumes=64, whiten=False), **options)
         self._index: EmbeddingIndex | None = None
         self._images: dict[str, Image] = {}
         self._refiner: LandmarkLocator | None = None

@@ -2,7 +2,7 @@
 
 From one (or a few) labelled reference volumes of one contrast (say T1 with an atlas label map),
 segment volumes of another contrast (T2, PD, CT); the label map comes out on the **target's own
-grid and geometry**. LD's shape-guided model (Chen et al., TPAMI 2023; ``shared/METHODS.md`` §2.6)
+grid and geometry**. LD's shape-guided model (Chen et al., TPAMI 2023, section 3.5)
 adapted to a labelled reference:
 
 - **Shape prior.** The reference label shapes (one-hot, lightly smoothed by ``prior_sigma_mm``)
@@ -10,26 +10,22 @@ adapted to a labelled reference:
   (:class:`~AnatSSLLib.tools.correspondence.EmbeddingCorrespondence`: global affine from
   cycle-consistent coarse matches, then windowed local matching and a smooth field, SAM-style).
   This gives ``prior_k(x)`` on every target voxel.
-- **Likelihood** (LD §2.6 inference, "prediction 2"): ``p(k | x) = softmax_k(e(x)·r_k / τ)`` with
-  region embeddings ``r_k = normalize(Σ_p a_k(p) e(p))`` (LD §2.3). ``r_k`` is first computed on
+- **Likelihood** (LD's inference, "prediction 2"): ``p(k | x) = softmax_k(e(x)·r_k / τ)`` with
+  region embeddings ``r_k = normalize(Σ_p a_k(p) e(p))`` (LD's region embedding). ``r_k`` is first computed on
   the reference (assignment = its one-hot labels), then re-estimated on the target from the
   current posterior, ``em_iterations`` times (LD uses the image's own region embeddings).
 - **Posterior** ``∝ prior^α · likelihood^β``; the label is its argmax. With several references
   the per-reference posteriors are averaged (a soft per-voxel vote).
 
-``likelihood_weight`` (β) defaults to 0 (shape prior only): with the CPU pilot encoder
-(``pilot2`` = the bundled ``ld-preview``) the likelihood term did not help (template T1 -> subject
-T2, mean tissue Dice 0.325 -> 0.324 and 0.288 -> 0.279 on two subjects); it is kept as a
-parameter for stronger encoders. ``initial_alignment="registration"`` starts the local embedding
-levels from a SimpleITK Mattes-MI affine instead of the embedding affine, for encoders whose
-global matches are weak across contrasts (measurements: ``benchmarks/results/segmentation.json``).
+``likelihood_weight`` (β) defaults to 0 (shape prior only): with the CPU encoders measured so far
+the likelihood term did not help; it is kept as a parameter for stronger encoders.
 
-Across contrasts (our addition, not LD's): ``match_contrast=True`` with the registration start
-first maps the target into the reference's contrast (:mod:`AnatSSLLib.contrast`) and matches the
-reference to that copy. With the bundled default encoder, template T1 labels -> 5 simulated
-subjects' T2: mean tissue Dice 0.724 against 0.580 for B-spline label propagation and 0.387
-without contrast matching (``benchmarks/results/segmentation_ld_contrast_t2.json``). The library
-keeps the paper's behaviour by default; ``anatssl segment`` and the Segment Editor effect turn it on.
+Our additions to LD's inference, on by default: the local embedding levels start from a
+SimpleITK Mattes-MI affine registration seeded by the embedding affine
+(``initial_alignment="registration"``), and a target of another contrast than the reference is
+found out and first mapped into the reference's contrast (``contrast="auto"``,
+:mod:`AnatSSLLib.contrast`), so that the reference is matched to a pseudo-reference-contrast copy
+of it. Figures: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -107,17 +103,21 @@ class CrossModalitySegmenter:
         embedding_components: how many principal components of the embedding ``"embedding"`` takes.
         temperature: τ of the region likelihood's softmax (LD uses 0.2).
         em_iterations: re-estimations of the target's class models from the posterior.
-        match_contrast: map the target's intensities into the reference's contrast before the dense
-            matching (:mod:`AnatSSLLib.contrast`: the transfer function ``E[reference | target]``
-            read off the two volumes under a SimpleITK affine registration), so that a T1 reference
-            is matched to a pseudo-T1 copy of a T2 target (our addition). The appearance model
-            still reads the target as it is.
-        contrast_passes: with ``match_contrast``, how many times the transfer function is fitted:
+        contrast: how the target's contrast is handled: ``"auto"`` (default: decided from the two
+            volumes' intensities under the embedding affine; another contrast is mapped into the
+            reference's before the dense matching, see :mod:`AnatSSLLib.contrast`; the appearance
+            model still reads the target as it is), ``"same"`` or ``"match"``.
+        contrast_passes: for a mapped target, how many times the transfer function is fitted:
             the first under the affine, each further one through the previous dense correspondence
             (then the target is matched again).
-        initial_alignment: ``"embedding"`` (the global affine from embedding matches) or
-            ``"registration"`` (a SimpleITK Mattes-MI affine registration, then the embedding's
-            local levels: a hybrid for encoders whose global matches are weak).
+        initial_alignment: for a target in the reference's contrast, where the local embedding
+            levels start: ``"registration"`` (default: a SimpleITK Mattes-MI affine seeded by the
+            embedding's global affine) or ``"embedding"`` (that global affine alone). A mapped
+            target always starts from the registration.
+
+    Attributes:
+        last_decisions: the :class:`~AnatSSLLib.contrast.ContrastDecision` of each reference of the
+            last :meth:`segment` call.
     """
 
     store: EmbeddingStore
@@ -130,8 +130,8 @@ class CrossModalitySegmenter:
     embedding_components: int = 8
     temperature: float = 0.2
     em_iterations: int = 2
-    initial_alignment: str = "embedding"
-    match_contrast: bool = False
+    initial_alignment: str = "registration"
+    contrast: str = "auto"
     contrast_passes: int = 1
 
     def __post_init__(self) -> None:
@@ -149,6 +149,9 @@ class CrossModalitySegmenter:
             raise InputError(f"initial_alignment must be 'embedding' or 'registration', got {self.initial_alignment!r}")
         if int(self.contrast_passes) < 1:
             raise InputError(f"contrast_passes must be at least 1, got {self.contrast_passes!r}")
+        from ..contrast import check_contrast_choice
+
+        check_contrast_choice(self.contrast)
         if self.likelihood not in ("region", "gaussian"):
             raise InputError(f"likelihood must be 'region' or 'gaussian', got {self.likelihood!r}")
         self.appearance = tuple(self.appearance)
@@ -158,6 +161,7 @@ class CrossModalitySegmenter:
         if self.correspondence is None:
             self.correspondence = EmbeddingCorrespondence(self.store)
         self.last_correspondences: list[Correspondence] = []
+        self.last_decisions: list = []
         self._priors: dict[tuple, object] = {}  # smoothed one-hot of each reference, reused across targets
 
     # -- public ---------------------------------------------------------------------------------
@@ -205,6 +209,7 @@ class CrossModalitySegmenter:
             present = wanted
         classes = np.array([0] + present)
         self.last_correspondences = []
+        self.last_decisions = []
         fused = None
         for n, (ref, arr) in enumerate(zip(refs, arrays)):
             post = self._posterior(ref, arr, classes, target)
@@ -233,11 +238,13 @@ class CrossModalitySegmenter:
         """``(N, K)`` posterior over ``classes`` for every target voxel (``array.ravel()`` order)."""
         import torch
 
-        corr, _, _ = self.correspondence.match_across_contrasts(  # target -> reference
-            target, ref, initial_alignment=self.initial_alignment,
-            remapped="fixed" if self.match_contrast else None, passes=self.contrast_passes,
+        match = self.correspondence.match_across_contrasts(  # target -> reference
+            target, ref, target="fixed", contrast=self.contrast,
+            initial_alignment=self.initial_alignment, passes=self.contrast_passes,
         )  # fmt: skip
+        corr = match.correspondence
         self.last_correspondences.append(corr)
+        self.last_decisions.append(match.decision)
         from ..embedding import volume_key
 
         key = (volume_key(ref), hash(ref_arr.tobytes()), tuple(int(c) for c in classes))
