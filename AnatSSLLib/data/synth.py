@@ -460,6 +460,24 @@ def synthesize_subject(template: Template, rng_or_seed: int | np.random.Generato
             "parameters": params}
 
 
+def fingerprint(array) -> str:
+    """sha256 of an array's C-ordered bytes, first 12 hex digits (the arrays as written: int16 images)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:12]
+
+
+def subject_fingerprint(subject: dict) -> dict[str, str]:
+    """Fingerprints of one :func:`synthesize_subject` result: each contrast, the labels, the
+    landmark positions (float64 LPS) and the warp (affine and displacement)."""
+    out = {c: fingerprint(img.array) for c, img in subject["images"].items()}
+    out["labels"] = fingerprint(subject["labels"].array)
+    out["landmarks"] = fingerprint(np.asarray(subject["landmarks"].positions, np.float64))
+    out["warp"] = fingerprint(np.concatenate([np.asarray(subject["transform"].affine, np.float64).ravel(),
+                                              np.asarray(subject["transform"].disp, np.float64).ravel()]))
+    return out
+
+
 # ---- writing ------------------------------------------------------------------------------------
 def _umask() -> int:
     mask = os.umask(0)
@@ -583,6 +601,7 @@ def synthesize_population(out_dir: str | os.PathLike, n: int, contrasts: str | S
     if progress:
         progress(1, total)
     names = []
+    fingerprints: dict[str, dict[str, str]] = {}
     for idx in range(n):
         name = f"sub-{idx:03d}"
         subject = synthesize_subject(template, seed, contrasts, res, settings, index=idx)
@@ -592,6 +611,7 @@ def synthesize_population(out_dir: str | os.PathLike, n: int, contrasts: str | S
                 write_image(img, tmp / f"{c}.nii.gz")
             write_image(subject["labels"], tmp / "labels.nii.gz")
             write_points(subject["landmarks"], tmp / "landmarks.mrk.json")
+            fingerprints[name] = subject_fingerprint(subject)
             _write_json({"subject": name, "seed": [seed, idx], **subject["parameters"]}, tmp / "transform.json")
             _publish(tmp, out / name, folder=True)
         finally:
@@ -618,6 +638,9 @@ def synthesize_population(out_dir: str | os.PathLike, n: int, contrasts: str | S
         "frame": "LPS",
         "settings": settings.as_dict(),
         "res_range_mm": list(RES_RANGE),
+        # content of every subject (sha256 of each array, first 12 hex digits): two machines that
+        # generate the same population write the same fingerprints
+        "fingerprints": fingerprints,
     }
     _write_json(meta, out / "population.json")
     return out
