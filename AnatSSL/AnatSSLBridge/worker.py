@@ -12,7 +12,7 @@ Protocol (one JSON object per line, UTF-8):
   request ``n`` to stop at its next check; ``{"op": "shutdown"}`` ends the process.
 - events on stdout: ``{"event": "ready", "pid", "modules"}`` once, then per request
   ``{"event": "progress", "id", "fraction", "stage"}``, and one of ``{"event": "result", "id",
-  "result", "note"}``, ``{"event": "error", "id", "type", "message", "user", "oom", "traceback"}``
+  "result", "note", "device", "seconds"}`` (``seconds``: the time the worker spent on it), ``{"event": "error", "id", "type", "message", "user", "oom", "traceback"}``
   or ``{"event": "cancelled", "id"}``.
 
 Volumes arrive as files (:func:`image_from_message`: an ``.npy`` array indexed ``[k, j, i]`` with
@@ -249,13 +249,22 @@ def op_index_add(state: WorkerState, args: dict, device: str, progress, cancelle
             search.add(state.index, [state.image(item["image"])], names=[name])
             added.append(name)
         progress((n + 1) / len(items))
+    _warm_index(state.index)
     return {"added": added, "cancelled": bool(cancelled()), "index": state.index_info()}
+
+
+def _warm_index(index) -> None:
+    """Build the index's search structure now (FAISS builds it on the first search: tens of seconds for
+    an HNSW index of a few volumes on a CPU), so that it is part of indexing, not of the first Search."""
+    if index is not None and len(index):
+        index.search_vectors(np.zeros((1, index.dim), dtype=np.float32), 1)
 
 
 def op_index_open(state: WorkerState, args: dict, device: str, progress, cancelled):
     from AnatSSLLib.index import EmbeddingIndex
 
     state.index = EmbeddingIndex.open(args["folder"])
+    _warm_index(state.index)
     return {"index": state.index_info()}
 
 
@@ -324,8 +333,10 @@ class _Server:
 
         rid, op, args = message.get("id"), message.get("op"), dict(message.get("args") or {})
         if op == "ping":
-            self.send({"event": "result", "id": rid, "result": {"pid": os.getpid(), "modules": _loaded_gui_modules()},
-                       "note": ""})
+            loaded = {"encoders": len(self.state.encoders), "stores": len(self.state.stores),
+                      "embedded": sum(len(s._volumes) for s in self.state.stores.values())}
+            self.send({"event": "result", "id": rid, "note": "",
+                       "result": {"pid": os.getpid(), "modules": _loaded_gui_modules(), "loaded": loaded}})
             return
         if op == "crash":  # tests: die as an out-of-memory kill would
             os._exit(int(args.get("code", 137)))
@@ -365,7 +376,9 @@ class _Server:
                 raise _Cancelled()
             self.send({"event": "progress", "id": rid, "fraction": max(0.0, min(1.0, float(fraction))), "stage": stage})
 
-        device, note = str(args.get("device") or "auto"), ""
+        import time
+
+        device, note, began = str(args.get("device") or "auto"), "", time.monotonic()
         try:
             try:
                 result = OPS[op](self.state, args, device, progress, cancelled)
@@ -390,7 +403,7 @@ class _Server:
         finally:
             self.cancelled.discard(rid)
         self.send({"event": "result", "id": rid, "result": result, "note": note,
-                   "device": self.state.device_description})
+                   "device": self.state.device_description, "seconds": round(time.monotonic() - began, 3)})
 
     def loop(self) -> None:
         while True:

@@ -13,7 +13,7 @@ wait on I/O, which releases the GIL); no tool work runs in Slicer's process.
 
 - Progress: ``fraction`` follows the worker's progress events.
 - Cancel (:meth:`ToolWorker.cancel`): the worker is asked to stop at its next check; if it has not
-  answered within ``cancel_grace_s`` (default 0.8 s, e.g. inside one long network call), its process
+  answered within ``cancel_grace_s`` (default 0.4 s, e.g. inside one long network call), its process
   tree is killed. Either way ``finished(None, TaskCancelled(...))`` is delivered within a second and
   nothing is written; a killed worker is started again, cold, by the next request.
 - A crash or an out-of-memory kill of the worker: ``finished(None, WorkerCrashed(...))`` with the exit
@@ -93,7 +93,7 @@ class ToolWorker:
         start_timeout_s: how long the worker may take to start (importing the library).
     """
 
-    def __init__(self, python: str | None = None, *, cancel_grace_s: float = 0.8, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, python: str | None = None, *, cancel_grace_s: float = 0.4, start_timeout_s: float = 120.0) -> None:
         self.python = python or default_python()
         self.cancel_grace_s = float(cancel_grace_s)
         self.start_timeout_s = float(start_timeout_s)
@@ -101,6 +101,7 @@ class ToolWorker:
         self.last_result_s: float | None = None
         self.last_note = ""  # the last answer's note (e.g. "the GPU ran out of memory; ... the CPU")
         self.last_device = ""  # the device the worker's last request ran on, in words
+        self.last_worker_s = None  # seconds the worker spent on the last answered request
         self.starts = 0
         self._ids = itertools.count(1)
         self._process: subprocess.Popen | None = None
@@ -188,10 +189,7 @@ class ToolWorker:
                 os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError, OSError):
             process.kill()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        # no wait here: the reader thread reaps the process when its output closes
 
     def stop(self) -> None:
         """End the worker (closing the module or Slicer); a running request is dropped."""
@@ -267,6 +265,7 @@ class ToolWorker:
             elif kind == "result":
                 request.note = self.last_note = str(event.get("note") or "")
                 self.last_device = str(event.get("device") or self.last_device)
+                self.last_worker_s = event.get("seconds")
                 return self._deliver(request, event.get("result"), None)
             elif kind == "cancelled":
                 return self._deliver(request, None, None)
