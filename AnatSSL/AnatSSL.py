@@ -305,8 +305,9 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._job is not None and self._job.running:
             self._job.kill()
-        if self.logic is not None:
+        if self.logic is not None:  # the module is closed or reloaded: end its worker process
             self.logic.cancel("the AnatSSL module was closed")
+            self.logic.shutdown()
         if self._timer is not None:
             self._timer.stop()
 
@@ -893,9 +894,8 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
         return self.cache().import_(path)
 
     def resetEncoders(self) -> None:
-        """Forget every loaded encoder (the cache folder changed): the worker loads them again on use."""
-        if self.worker is not None and not self.worker.busy and self.worker.running:
-            self.worker.submit("reset", {}, "Resetting the encoders")
+        """The cache folder changed. Nothing to drop here: no encoder is loaded in this process, and every
+        request names its cache folder, so the worker loads the new folder's encoders on their first use."""
         self.indexInfo = dict(self.indexInfo)
 
     def deviceDescription(self) -> str:
@@ -1146,9 +1146,12 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
             return result
 
         def finishedAndRefresh(value, error):
-            if error is not None and not self.busy():  # a cancel may have stopped the worker: ask what is left
-                self.indexInfo = {"encoder_id": None, "volumes": [], "entries": 0} if not self.worker.running \
-                    else self.indexInfo
+            if error is not None:  # cancelled between volumes: those added are kept; a killed worker kept none
+                partial = getattr(error, "partial", None)
+                if partial:
+                    self._indexAnswer(partial)
+                elif not self.worker.running:
+                    self.indexInfo = {"encoder_id": None, "volumes": [], "entries": 0}
             if finished is not None:
                 finished(value, error)
 

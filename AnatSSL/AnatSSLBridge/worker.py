@@ -326,7 +326,7 @@ class _Server:
                 self.cancelled.add(message.get("id"))
             else:
                 self.requests.put(message)
-        self.requests.put({"op": "shutdown"})  # stdin closed: Slicer is gone
+        os._exit(0)  # stdin closed: Slicer is gone (or the client stopped us); do not finish a running request
 
     def run_one(self, message: dict) -> None:
         from AnatSSLLib.errors import AnatSSLError

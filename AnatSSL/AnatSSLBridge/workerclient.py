@@ -297,7 +297,9 @@ class ToolWorker:
     def _deliver(self, request: ToolRequest, result, error) -> bool:
         self.request = None
         if request.cancel_requested and (error is None or isinstance(error, TaskCancelled)):
+            partial = result
             result, error = None, TaskCancelled(f"{request.title}: {request.cancel_reason}; nothing was changed")
+            error.partial = partial  # what a request that stops between items had done (indexing)
         elif result is None and error is None:
             result, error = None, TaskCancelled(f"{request.title}: cancelled; nothing was changed")
         self.last_result_s = time.monotonic() - request.started
