@@ -290,8 +290,13 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # when the user has finished (Enter or focus out: the inner line edit's editingFinished), a folder
         # picked with the browse button (no keyboard focus) at once; either only if it exists
         self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderPathChanged)
-        self._cacheLineEdit = self.ui.cacheFolderPathLineEdit.comboBox().lineEdit()
-        self._cacheLineEdit.connect("editingFinished()", self.onCacheFolderEdited)
+        try:
+            self._cacheLineEdit = self.ui.cacheFolderPathLineEdit.comboBox().lineEdit()
+        except AttributeError:  # comboBox() not wrapped: its line edit is the path edit's only QLineEdit
+            found = slicer.util.findChildren(self.ui.cacheFolderPathLineEdit, className="QLineEdit")
+            self._cacheLineEdit = found[0] if found else None
+        if self._cacheLineEdit is not None:
+            self._cacheLineEdit.connect("editingFinished()", self.onCacheFolderEdited)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
 
