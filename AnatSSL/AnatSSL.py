@@ -112,23 +112,27 @@ class AnatSSL(ScriptedLoadableModule):
         return _resource(filename)
 
     def runTest(self, msec: int = 100, **kwargs) -> None:
-        """Run ``Testing/Python/AnatSSLSelfTest.py`` (found in the repository layout)."""
-        candidates = [
-            os.path.join(os.path.dirname(_HERE), "Testing", "Python", "AnatSSLSelfTest.py"),
-            os.path.join(_HERE, "Testing", "Python", "AnatSSLSelfTest.py"),
-        ]
-        path = next((p for p in candidates if os.path.exists(p)), None)
+        """Run the self-test ``AnatSSLSelfTest.py`` (installed beside this file, or in a source checkout)."""
+        path = selfTestPath()
         if path is None:
-            raise AssertionError(
-                "AnatSSL self-test not found: it ships with the source tree (Testing/Python/AnatSSLSelfTest.py); "
-                "run it from a developer checkout or through CTest"
-            )
+            raise AssertionError("AnatSSL self-test not found; looked in: " + ", ".join(selfTestCandidates()))
         spec = importlib.util.spec_from_file_location("AnatSSLSelfTest", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         test = module.AnatSSLSelfTest()
         test.messageDelay = msec
         test.runTest(**kwargs)
+
+
+def selfTestCandidates(here: str = _HERE) -> list[str]:
+    """Where the self-test may be: installed beside the module (CMake copies ``Testing/Python/`` there),
+    then the source checkout's ``Testing/Python/`` (developer mode)."""
+    return [os.path.join(here, "Testing", "Python", "AnatSSLSelfTest.py"),
+            os.path.join(os.path.dirname(here), "Testing", "Python", "AnatSSLSelfTest.py")]
+
+
+def selfTestPath(here: str = _HERE) -> str | None:
+    return next((p for p in selfTestCandidates(here) if os.path.exists(p)), None)
 
 
 #
@@ -143,20 +147,21 @@ class AnatSSLParameterNode:
     referenceVolume, referenceLandmarks: the reference volume and the points clicked on it.
     targetVolumes: the volumes to find the landmarks in (kept in sync with the checkable list).
     lowConfidence: points below this confidence (cosine similarity) are flagged.
-    matchContrast: the targets have another contrast than the reference (the landmark tool maps
-        each target into the reference's contrast before matching).
+    contrast: the landmark and segmentation tools' contrast handling: "auto" (the tools decide),
+        or an override, "same" or "match" (map each target into the reference's contrast).
     encoderId: the encoder the tools use ("" = the default one).
     searchVolume, searchPoints, searchSegmentation, searchSegmentId: the search query;
     searchQueryKind: what is searched for ("point", "segment" or "volume": the whole volume).
     numberOfResults: how many search results to list.
-    pretrainSteps, pretrainBatchSize, pretrainName, pretrainFolder: pretraining settings.
+    recipe, pretrainBatchSize, pretrainName, pretrainFolder: pretraining settings (a named recipe
+        from ``AnatSSLLib.recipes``, the batch size, the new encoder's name, the data folder).
     """
 
     referenceVolume: vtkMRMLScalarVolumeNode
     referenceLandmarks: vtkMRMLMarkupsFiducialNode
     targetVolumes: list[vtkMRMLScalarVolumeNode]
     lowConfidence: Annotated[float, WithinRange(-1.0, 1.0)] = 0.5
-    matchContrast: bool = False
+    contrast: str = "auto"
     encoderId: str = ""
     searchVolume: vtkMRMLScalarVolumeNode
     searchPoints: vtkMRMLMarkupsFiducialNode
@@ -164,7 +169,7 @@ class AnatSSLParameterNode:
     searchSegmentId: str = ""
     searchQueryKind: str = "point"
     numberOfResults: Annotated[int, WithinRange(1, 100)] = 10
-    pretrainSteps: Annotated[int, WithinRange(1, 1000000)] = 1200
+    recipe: str = ""
     pretrainBatchSize: Annotated[int, WithinRange(1, 64)] = 2
     pretrainName: str = ""
     pretrainFolder: str = ""
@@ -177,6 +182,8 @@ class AnatSSLParameterNode:
 SETTINGS_CACHE = "AnatSSL/EncoderCacheFolder"
 SETTINGS_DEVICE = "AnatSSL/Device"
 DEVICES = [("Auto (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda")]
+CONTRASTS = [("auto (recommended)", "auto"), ("same contrast as the reference", "same"),
+             ("map targets into the reference's contrast", "match")]
 
 
 def cacheFolderSetting() -> str:
@@ -189,9 +196,18 @@ def deviceSetting() -> str:
     return value if value in {d for _, d in DEVICES} else "auto"
 
 
+def recipes() -> list:
+    """The pretraining recipes in offer order (``AnatSSLLib.recipes.RECIPES``: the bundled default's first)."""
+    from AnatSSLLib.recipes import RECIPES
+
+    return list(RECIPES.values())
+
+
 #
-# Background tasks: AnatSSLBridge.jobs.TaskRunner (one thread at a time, polled by a QTimer; the MRML
-# scene is read before and written after, on the main thread only).
+# Background work: every tool request goes to one long-lived worker process
+# (AnatSSLBridge.workerclient.ToolWorker, polled by a QTimer); pretraining runs in its own process
+# (AnatSSLBridge.jobs.PretrainJob). The MRML scene is read before and written after, on the main
+# thread only.
 #
 
 
@@ -209,10 +225,11 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._runner = None  # AnatSSLBridge.jobs.TaskRunner, made in setup()
         self._job = None
         self._timer = None
         self._updatingGUI = False
+        self._installing = False
+        self._cacheLineEdit = None
 
     def resourcePath(self, filename: str) -> str:
         return _resource(filename)
@@ -224,17 +241,19 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = AnatSSLLogic()
-        self._runner = _bridge_module("jobs").TaskRunner()
+        self.logic = AnatSSLLogic.shared()  # the Segment Editor effect uses the same one
 
         self._timer = qt.QTimer()
-        self._timer.setInterval(200)
+        self._timer.setInterval(100)
         self._timer.connect("timeout()", self.onTimer)
 
         for label, value in DEVICES:
             self.ui.deviceSelector.addItem(label, value)
         self.ui.deviceSelector.setCurrentIndex(max(0, [d for _, d in DEVICES].index(deviceSetting())))
-        self.ui.methodSelector.addItem("LD (local discrimination, 3D)", "ld")
+        for label, value in CONTRASTS:
+            self.ui.contrastSelector.addItem(label, value)
+        for recipe in recipes():
+            self.ui.recipeSelector.addItem(f"{recipe.name}: {recipe.description}", recipe.name)
         self.ui.cacheFolderPathLineEdit.currentPath = cacheFolderSetting() or self.logic.defaultCacheFolder()
         self.ui.targetVolumesSelector.setMRMLScene(slicer.mrmlScene)
         self.ui.landmarksPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
@@ -244,6 +263,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.encoderSelector.connect("currentIndexChanged(int)", self.onEncoderChanged)
         self.ui.importEncoderButton.connect("clicked(bool)", self.onImportEncoder)
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.contrastSelector.connect("currentIndexChanged(int)", self.onContrastChanged)
         self.ui.referenceLandmarksSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onReferenceLandmarksChanged)
         self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self.onTargetVolumesChanged)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
@@ -261,11 +281,22 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.queryVolumeRadioButton.connect("toggled(bool)", self.onQueryKindChanged)
         self.ui.searchButton.connect("clicked(bool)", self.onSearch)
         self.ui.searchResultsTableView.connect("clicked(QModelIndex)", self.onSearchResultClicked)
+        self.ui.recipeSelector.connect("currentIndexChanged(int)", self.onRecipeChanged)
         self.ui.pretrainLoadedRadioButton.connect("toggled(bool)", self.updateGUIFromState)
         self.ui.pretrainFolderRadioButton.connect("toggled(bool)", self.updateGUIFromState)
         self.ui.pretrainFolderPathLineEdit.connect("currentPathChanged(QString)", self.onPretrainFolderChanged)
         self.ui.pretrainButton.connect("clicked(bool)", self.onPretrain)
-        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
+        # ctkPathLineEdit.currentPathChanged fires on every keystroke (from textChanged): typed paths are taken
+        # when the user has finished (Enter or focus out: the inner line edit's editingFinished), a folder
+        # picked with the browse button (no keyboard focus) at once; either only if it exists
+        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderPathChanged)
+        try:
+            self._cacheLineEdit = self.ui.cacheFolderPathLineEdit.comboBox().lineEdit()
+        except AttributeError:  # comboBox() not wrapped: its line edit is the path edit's only QLineEdit
+            found = slicer.util.findChildren(self.ui.cacheFolderPathLineEdit, className="QLineEdit")
+            self._cacheLineEdit = found[0] if found else None
+        if self._cacheLineEdit is not None:
+            self._cacheLineEdit.connect("editingFinished()", self.onCacheFolderEdited)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
 
@@ -279,8 +310,9 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._job is not None and self._job.running:
             self._job.kill()
-        if self._runner is not None:
-            self._runner.cancel("the AnatSSL module was closed")
+        if self.logic is not None:  # the module is closed or reloaded: end its worker process
+            self.logic.cancel("the AnatSSL module was closed")
+            self.logic.shutdown()
         if self._timer is not None:
             self._timer.stop()
 
@@ -294,7 +326,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._runner is not None and self._runner.cancel("the scene was closed"):
+        if self.logic is not None and self.logic.cancel("the scene was closed"):
             self.setStatus("The scene is closing: the running task is cancelled and its result will not be written.")
         self.setParameterNode(None)
 
@@ -322,7 +354,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromState()
 
     def _restoreUnboundWidgets(self) -> None:
-        """Widgets without a parameter-node binding (checkable list, segment selector, path) from the state."""
+        """Widgets without a parameter-node binding (checkable list, segment selector, path, combos) from the state."""
         p = self._parameterNode
         self._updatingGUI = True
         try:
@@ -339,8 +371,11 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             kinds = {"segment": self.ui.querySegmentRadioButton, "volume": self.ui.queryVolumeRadioButton}
             kinds.get(p.searchQueryKind, self.ui.queryPointRadioButton).checked = True
             self.ui.pretrainFolderPathLineEdit.currentPath = p.pretrainFolder
+            self.ui.contrastSelector.setCurrentIndex(max(0, self.ui.contrastSelector.findData(p.contrast or "auto")))
+            self.ui.recipeSelector.setCurrentIndex(max(0, self.ui.recipeSelector.findData(p.recipe)))
         finally:
             self._updatingGUI = False
+        self.onRecipeChanged(self.ui.recipeSelector.currentIndex)
 
     # ---- state -> GUI ---------------------------------------------------------------------------
     def updateGUIFromState(self, *args) -> None:
@@ -355,7 +390,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.searchPointsSelector, self.ui.searchPlaceWidget):
             widget.enabled = kind == "point"
         self.ui.searchSegmentSelector.enabled = kind == "segment"
-        hasIndex = self.logic is not None and self.logic.index is not None and len(self.logic.index) > 0
+        hasIndex = self.logic is not None and self.logic.hasIndex()
         hasQuery = {"point": bool(p and p.searchPoints), "segment": bool(p and p.searchSegmentation),
                     "volume": True}[kind]
         self.ui.searchButton.enabled = bool(ready and p.searchVolume and hasIndex and hasQuery)
@@ -367,7 +402,8 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = not busy
         self.ui.pretrainFolderPathLineEdit.enabled = self.ui.pretrainFolderRadioButton.checked
         self.ui.pretrainButton.enabled = not busy
-        self.ui.cancelButton.enabled = busy
+        self.ui.cacheFolderPathLineEdit.enabled = not busy
+        self.ui.cancelButton.enabled = busy and not self._installing
 
     def refreshEncoders(self, select: str | None = None) -> None:
         """Fill the encoder list from the cache; keep (or set) the chosen one, else the default."""
@@ -394,8 +430,8 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
-        if self.logic is not None and self.logic.deviceDescription:
-            self.ui.deviceInfoLabel.text = f"Runs on: {self.logic.deviceDescription}"
+        if self.logic is not None and self.logic.deviceDescription():
+            self.ui.deviceInfoLabel.text = f"Runs on: {self.logic.deviceDescription()}"
         logging.info("AnatSSL: " + text)
 
     # ---- GUI -> state -----------------------------------------------------------------------------
@@ -407,10 +443,37 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeviceChanged(self, index) -> None:
         qt.QSettings().setValue(SETTINGS_DEVICE, str(self.ui.deviceSelector.itemData(index) or "auto"))
 
-    def onCacheFolderChanged(self, path) -> None:
+    def onContrastChanged(self, index) -> None:
+        if self._updatingGUI or not self._parameterNode:
+            return
+        self._parameterNode.contrast = str(self.ui.contrastSelector.itemData(index) or "auto")
+
+    def onRecipeChanged(self, index) -> None:
+        name = str(self.ui.recipeSelector.itemData(index) or "")
+        recipe = next((r for r in recipes() if r.name == name), None)
+        self.ui.recipeInfoLabel.text = (f"Expected time: {recipe.describe_time(self.device())}. "
+                                        f"Settings: {' '.join(recipe.cli_args)}") if recipe else ""
+        if self._parameterNode and not self._updatingGUI:
+            self._parameterNode.recipe = name
+
+    def onCacheFolderPathChanged(self, path) -> None:
+        if self._cacheLineEdit is not None and self._cacheLineEdit.hasFocus():
+            return  # the user is typing: wait for editingFinished
+        self.onCacheFolderEdited()
+
+    def onCacheFolderEdited(self, *args) -> None:
+        """The cache folder was edited: act once, and only on an existing folder (not on every keystroke)."""
+        path = str(self.ui.cacheFolderPathLineEdit.currentPath or "")
+        current = cacheFolderSetting() or self.logic.defaultCacheFolder()
+        if not path or os.path.normpath(path) == os.path.normpath(current):
+            return
+        if not os.path.isdir(path):
+            self.setStatus(f"Encoder cache folder {path!r} does not exist; the cache stays {current!r}.")
+            return
         qt.QSettings().setValue(SETTINGS_CACHE, str(path))
         self.logic.resetEncoders()
         self.refreshEncoders()
+        self.setStatus(f"Encoder cache folder: {path}")
 
     def onReferenceLandmarksChanged(self, node) -> None:
         self.ui.landmarksPlaceWidget.setCurrentNode(node)
@@ -445,6 +508,9 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def device(self) -> str:
         return str(self.ui.deviceSelector.itemData(self.ui.deviceSelector.currentIndex) or "auto")
 
+    def contrast(self) -> str:
+        return str((self._parameterNode.contrast if self._parameterNode else "") or "auto")
+
     def queryKind(self) -> str:
         """``"point"``, ``"segment"`` or ``"volume"``: what the Search panel looks up."""
         if self.ui.querySegmentRadioButton.checked:
@@ -454,7 +520,8 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return "point"
 
     def busy(self) -> bool:
-        return bool((self._runner is not None and self._runner.busy) or (self._job is not None and self._job.running))
+        # a pretraining job counts until its exit event was polled (not merely until its process ended)
+        return bool(self._installing or (self.logic is not None and self.logic.busy()) or self._job is not None)
 
     # ---- running work -------------------------------------------------------------------------
     def _ensureReady(self) -> bool:
@@ -464,24 +531,19 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         return self.ensureDependencies()
 
-    def _startTask(self, title: str, work, finished) -> None:
-        """Run ``work(progress, cancelled)`` in a thread; ``finished(result, error)`` runs here when it ends."""
-        try:
-            self._runner.start(title, work, finished)
-        except AnatSSLError as exc:  # a second request while one runs
-            slicer.util.warningDisplay(str(exc))
-            return
+    def _started(self, title: str) -> None:
+        """A request went to the worker process: show it and poll."""
         self.ui.progressBar.setValue(0)
         self.setStatus(f"{title}... (Slicer stays usable; Cancel stops it)")
         self._timer.start()
         self.updateGUIFromState()
 
     def onTimer(self) -> None:
-        if self._runner.busy:
-            self.ui.progressBar.setValue(int(100 * self._runner.fraction))
-            title = self._runner.task.title
+        if self.logic.busy():
+            self.ui.progressBar.setValue(int(100 * self.logic.fraction()))
+            title = self.logic.taskTitle()
             try:
-                delivered = self._runner.poll()
+                delivered = self.logic.poll()
             except Exception as exc:  # writing the result failed: plain message for user errors
                 delivered = True
                 self._reportError(exc, title)
@@ -493,9 +555,9 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
 
     def onCancel(self) -> None:
-        if self._runner.busy:
-            self.setStatus(f"Cancelling {self._runner.task.title.lower()}: nothing will be written...")
-            self._runner.cancel("cancelled")
+        if self.logic.busy():
+            self.setStatus(f"Cancelling {self.logic.taskTitle().lower()}: nothing will be written...")
+            self.logic.cancel("cancelled")
         if self._job is not None and self._job.running:
             self._job.cancel(grace_s=20.0)
             self.setStatus("Cancelling pretraining: saving a checkpoint (start again to resume)...")
@@ -513,8 +575,9 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if isinstance(error, AnatSSLError) or self.logic.isOutOfMemory(error):
             slicer.util.errorDisplay(f"{what} failed:\n{message}")
         else:
-            slicer.util.errorDisplay(f"{what} failed:\n{message}", detailedText="".join(
-                traceback.format_exception(type(error), error, error.__traceback__)))
+            detail = getattr(error, "traceback_text", "") or "".join(
+                traceback.format_exception(type(error), error, error.__traceback__))
+            slicer.util.errorDisplay(f"{what} failed:\n{message}", detailedText=detail)
         return True
 
     # ---- landmarks --------------------------------------------------------------------------------
@@ -522,27 +585,11 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureReady():
             return
         p = self._parameterNode
-        # the worker reads no MRML
-        encoderId, device, lowConfidence, matchContrast = p.encoderId, self.device(), float(p.lowConfidence), bool(p.matchContrast)
-        try:
-            with slicer.util.WaitCursor():
-                propagator = self.logic.landmarkPropagator(encoderId, device, lowConfidence, matchContrast)
-                plan = propagator.prepare(slicer.mrmlScene, p.referenceVolume, p.referenceLandmarks, list(p.targetVolumes))
-        except Exception as exc:
-            self._reportError(exc, "Landmark propagation")
-            return
-
-        def work(progress, cancelled):
-            return self.logic.withDeviceFallback(
-                lambda prop: prop.compute(plan, progress=progress, cancelled=cancelled),
-                lambda dev: self.logic.landmarkPropagator(encoderId, dev, lowConfidence, matchContrast),
-                device)
 
         def finished(result, error):
             if self._reportError(error, "Landmark propagation"):
                 return
-            (propagator_used, computed), note = result
-            results = propagator_used.write(slicer.mrmlScene, plan, computed)
+            results, note = result
             low = sum(len(r.low_confidence) for r in results)
             recomputed = sum(len(r.recomputed) for r in results)
             self.ui.landmarksResultLabel.text = (
@@ -552,7 +599,16 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.landmarksTableView.setMRMLTableNode(results[0].table_node)
             self.setStatus("Landmarks propagated." + (f" {note}" if note else ""))
 
-        self._startTask("Propagating landmarks", work, finished)
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.startPropagation(p.referenceVolume, p.referenceLandmarks, list(p.targetVolumes),
+                                            encoderId=p.encoderId, device=self.device(),
+                                            lowConfidence=float(p.lowConfidence), contrast=self.contrast(),
+                                            finished=finished)
+        except Exception as exc:
+            self._reportError(exc, "Landmark propagation")
+            return
+        self._started("Propagating landmarks")
 
     # ---- segmentation -----------------------------------------------------------------------------
     def onOpenSegmentEditor(self) -> None:
@@ -566,7 +622,7 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not volumes:
             slicer.util.warningDisplay("No image volume is loaded: load volumes first (or index a folder).")
             return
-        self._indexImages([(v.GetName(), self.logic.imageFromVolume(v)) for v in volumes])
+        self._index(volumes, None)
 
     def onIndexFolder(self) -> None:
         if not self._ensureReady():
@@ -574,81 +630,86 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder of volumes to index")
         if not folder:
             return
-        self._indexImages(None, folder)
+        self._index(None, folder)
 
-    def _indexImages(self, named_images, folder: str | None = None) -> None:
+    def _index(self, volumeNodes, folder: str | None = None) -> None:
         p = self._parameterNode
-        try:
-            with slicer.util.WaitCursor():
-                search = self.logic.embeddingSearch(p.encoderId, self.device())
-        except Exception as exc:
-            self._reportError(exc, "Indexing")
-            return
-
-        def work(progress, cancelled):
-            return self.logic.addToIndex(search, named_images, folder, progress, cancelled)
 
         def finished(result, error):
             self.ui.indexStatusLabel.text = self.logic.describeIndex()
-            if isinstance(error, _bridge_module("jobs").TaskCancelled):  # stops between volumes
-                self.setStatus("Indexing cancelled; the volumes indexed before the cancel are kept.")
+            if isinstance(error, _bridge_module("jobs").TaskCancelled):
+                self.setStatus("Indexing cancelled. " + self.logic.describeIndex())
                 return
             if self._reportError(error, "Indexing"):
                 return
-            self.setStatus(f"Indexed {len(result)} volume(s).")
+            self.setStatus(f"Indexed {len(result['added'])} volume(s).")
 
-        self._startTask("Indexing volumes", work, finished)
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.startIndexing(volumeNodes, folder, encoderId=p.encoderId, device=self.device(),
+                                         finished=finished)
+        except Exception as exc:
+            self._reportError(exc, "Indexing")
+            return
+        self._started("Indexing volumes")
 
     def onOpenIndex(self) -> None:
+        if self.busy():
+            return
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Open an AnatSSL index folder")
         if not folder:
             return
-        with slicer.util.tryWithErrorDisplay("Cannot open the index.", waitCursor=True):
-            self.logic.openIndex(folder)
+
+        def finished(result, error):
+            if self._reportError(error, "Opening the index"):
+                return
             self.ui.indexStatusLabel.text = self.logic.describeIndex()
-            self.updateGUIFromState()
+            self.setStatus("Index opened.")
+
+        with slicer.util.tryWithErrorDisplay("Cannot open the index.", waitCursor=True):
+            self.logic.startOpenIndex(folder, finished=finished)
+            self._started("Opening the index")
 
     def onSaveIndex(self) -> None:
+        if self.busy():
+            return
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Save the index into a folder")
         if not folder:
             return
+
+        def finished(result, error):
+            if self._reportError(error, "Saving the index"):
+                return
+            self.setStatus(f"Index saved in {result['path']}.")
+
         with slicer.util.tryWithErrorDisplay("Cannot save the index.", waitCursor=True):
-            path = self.logic.saveIndex(folder)
-            self.setStatus(f"Index saved in {path}.")
+            self.logic.startSaveIndex(folder, finished=finished)
+            self._started("Saving the index")
 
     def onSearch(self) -> None:
         if not self._ensureReady():
             return
         p = self._parameterNode
         kind = self.queryKind()
-        try:  # the query is read from the scene here; the thread only embeds and looks up
-            with slicer.util.WaitCursor():
-                search = self.logic.embeddingSearch(p.encoderId, self.device())
-                if kind == "point":
-                    query = self.logic.pointQuery(p.searchVolume, p.searchPoints, search)
-                elif kind == "segment":
-                    query = self.logic.segmentQuery(p.searchVolume, p.searchSegmentation, p.searchSegmentId, search)
-                else:
-                    query = self.logic.volumeQuery(p.searchVolume, search)
-        except Exception as exc:
-            self._reportError(exc, "Search")
-            return
-        k = int(p.numberOfResults)
 
-        def work(progress, cancelled):
-            hits = self.logic.runQuery(search, query, k)
-            progress(1.0)
-            return hits
-
-        def finished(hits, error):
+        def finished(result, error):
             if self._reportError(error, "Search"):
                 return
-            table = self.logic.showHits(hits)
+            hits, query, table = result
             self.ui.searchResultsTableView.setMRMLTableNode(table)
             what = "volume(s) most like the query volume" if kind == "volume" else "result(s)"
             self.setStatus(f"{len(hits)} {what} ({query.description}). Click a row to show it in the slice views.")
 
-        self._startTask("Searching", work, finished)
+        try:  # the query is read from the scene here; the worker process embeds and looks up
+            with slicer.util.WaitCursor():
+                self.logic.startSearch(kind, p.searchVolume, pointsNode=p.searchPoints,
+                                       segmentationNode=p.searchSegmentation, segmentId=p.searchSegmentId,
+                                       k=int(p.numberOfResults), encoderId=p.encoderId, device=self.device(),
+                                       finished=finished)
+        except Exception as exc:
+            self._reportError(exc, "Search")
+            return
+        self._started("Searching")
 
     def onSearchResultClicked(self, index) -> None:
         view = self.ui.searchResultsTableView
@@ -657,15 +718,17 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if hasattr(view, "sortFilterProxyModel") and view.sortFilterProxyModel() is not None:
             index = view.sortFilterProxyModel().mapToSource(index)
-        model = view.tableModel() if hasattr(view, "tableModel") else None
-        row = model.mrmlTableRowIndex(index) if model is not None and hasattr(model, "mrmlTableRowIndex") else index.row()
+        # qMRMLTableModel.mrmlTableRowIndex is not wrapped for Python: map the view's row ourselves
+        row = _bridge_module("search").table_row_of_view_row(table, index.row())
+        if row < 0:
+            return  # the column-title row (only when the titles are not in the header)
         try:
             volume, ras, whole = self.logic.jumpToHit(table, int(row))
         except Exception as exc:
             self._reportError(exc, "Showing this result")
             return
-        self.setStatus(f"Showing {volume.GetName()}" + (" (whole-volume result)." if whole else
-                                                        f" at R {ras[0]:.1f}, A {ras[1]:.1f}, S {ras[2]:.1f} mm."))
+        self.setStatus(f"Showing result {row + 1}: {volume.GetName()}" + (
+            " (whole-volume result)." if whole else f" at R {ras[0]:.1f}, A {ras[1]:.1f}, S {ras[2]:.1f} mm."))
 
     # ---- pretraining ------------------------------------------------------------------------------
     def onPretrain(self) -> None:
@@ -679,9 +742,11 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     raise AnatSSLError("choose the data folder to pretrain on")
             else:
                 data = self.logic.exportLoadedVolumes()
-            self._job = self.logic.pretrainJob(data, self.device(), int(p.pretrainSteps), int(p.pretrainBatchSize),
+            recipeName = str(self.ui.recipeSelector.itemData(self.ui.recipeSelector.currentIndex) or "")
+            self._job = self.logic.pretrainJob(data, self.device(), recipeName, int(p.pretrainBatchSize),
                                                p.pretrainName or None)
             self.ui.pretrainLogTextEdit.clear()
+            self.ui.pretrainLogTextEdit.appendPlainText(self.ui.recipeInfoLabel.text)
             self.ui.pretrainLogTextEdit.appendPlainText(" ".join(self._job.command()))
             self._job.start()
             self.ui.progressBar.setValue(0)
@@ -700,8 +765,9 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                             f"{event['total']}" + (f", loss {loss:.3f}" if isinstance(loss, (int, float)) else ""))
             if kind != "progress" or int(event.get("step") or 0) % 50 == 0:
                 self.ui.pretrainLogTextEdit.appendPlainText(_bridge_module("jobs").describe_event(event))
-            if kind == "exit":
-                self._pretrainFinished(job)
+        if job.finished:  # the exit event and every line before it have been read
+            self._job = None
+            self._pretrainFinished(job)
         self.updateGUIFromState()
 
     def _pretrainFinished(self, job) -> None:
@@ -730,33 +796,33 @@ class AnatSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(f"Encoder {encoderId} imported and selected.")
 
     def onInstallDependencies(self) -> None:
+        if self.busy():
+            return
         if self.ensureDependencies(force_message=True):
             self.setStatus("All Python packages AnatSSL needs are installed.")
 
     def ensureDependencies(self, force_message: bool = False) -> bool:
-        """Offer to install what is missing (torch through the PyTorch extension); True when all present."""
-        plan = _bridge_module("dependencies").install_plan()
-        if plan.empty:
-            if force_message:
-                slicer.util.infoDisplay("All Python packages AnatSSL needs are installed.")
-            return True
-        if not slicer.util.confirmOkCancelDisplay(plan.describe(), windowTitle="AnatSSL: install Python packages"):
-            self.setStatus("Python packages not installed: the tools cannot run without them "
-                           "(Advanced tab > Check / install Python packages).")
-            return False
+        """Offer to install what is missing (torch through the PyTorch extension); True when all present.
+
+        While installing, every button that starts work is disabled (``pip_install`` processes events,
+        so a second click would otherwise start a second install)."""
+        def status(text):
+            self.setStatus(text)
+
+        self._installing = True
+        self.updateGUIFromState()
         try:
-            with slicer.util.WaitCursor():
-                self.logic.installDependencies(plan)
-        except Exception as exc:
-            slicer.util.errorDisplay(f"Installing the Python packages failed:\n{exc}\n\nCheck the internet connection "
-                                     "(or a proxy), then try again from the Advanced tab.")
-            return False
-        return _bridge_module("dependencies").install_plan().empty
+            return self.logic.ensureDependencies(force_message=force_message, status=status)
+        finally:
+            self._installing = False
+            self.updateGUIFromState()
 
 
 #
 # AnatSSLLogic
 #
+
+_SHARED_LOGIC = None
 
 
 class AnatSSLLogic(ScriptedLoadableModuleLogic):
@@ -764,23 +830,37 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
     and batch scripts without the widget. Each method delegates to ``AnatSSLBridge`` (see its docstrings
     for frames and shapes: images and points in the library are LPS, nodes are RAS).
 
-    One embedding store is kept per (encoder, device), so a second Propagate or Search re-embeds nothing.
+    The module widget and the Segment Editor effect share one instance (:meth:`shared`). Every tool
+    runs in one long-lived worker process (``AnatSSLBridge.workerclient.ToolWorker``) that keeps the
+    loaded encoders, embeddings and the search index between requests; this process only reads the
+    nodes before a request and writes them after it, and imports neither torch nor MONAI.
+
+    ``start*`` methods send a request and return at once; ``finished(result, error)`` is called from
+    :meth:`poll` (the widget and the effect poll from a ``qt.QTimer``). The blocking methods
+    (:meth:`propagateLandmarks`, :meth:`transferSegmentation`, ...) wait for the answer (batch use).
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._encoders = {}
-        self._stores = {}
-        self._propagators = {}
-        self._searches = {}
-        self.index = None
+        self.worker = None
+        self._files = None
+        self._installingDependencies = False
+        self.indexInfo = {"encoder_id": None, "volumes": [], "entries": 0}
         self.resultsTable = None
-        self.deviceDescription = ""
+        self.lastDevice = ""
+
+    @classmethod
+    def shared(cls) -> "AnatSSLLogic":
+        """The one logic of this Slicer session (the module widget and the Segment Editor effect use it)."""
+        global _SHARED_LOGIC
+        if _SHARED_LOGIC is None:
+            _SHARED_LOGIC = cls()
+        return _SHARED_LOGIC
 
     def getParameterNode(self) -> AnatSSLParameterNode:
         return AnatSSLParameterNode(super().getParameterNode())
 
-    # ---- encoders -------------------------------------------------------------------------------
+    # ---- encoders (read from the cache on disk: no weights are loaded in this process) -----------
     @staticmethod
     def defaultCacheFolder() -> str:
         from AnatSSLLib.cache import default_cache_dir
@@ -806,99 +886,123 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
             default = None
         return rows, default
 
+    def encoderSpatialDims(self, encoderId: str = "") -> int | None:
+        """The encoder's dimensionality from its manifest (None when unknown: the worker checks again)."""
+        try:
+            cache = self.cache()
+            eid = cache.resolve(encoderId) if encoderId else cache.default_encoder_id()
+            return int(cache.manifest(eid).spatial_dims) if eid else None
+        except Exception:
+            return None
+
     def importEncoder(self, path: str) -> str:
         return self.cache().import_(path)
 
     def resetEncoders(self) -> None:
-        self._encoders.clear()
-        self._stores.clear()
-        self._propagators.clear()
-        self._searches.clear()
+        """The cache folder changed. Nothing to drop here: no encoder is loaded in this process, and every
+        request names its cache folder, so the worker loads the new folder's encoders on their first use."""
+        self.indexInfo = dict(self.indexInfo)
 
-    def encoder(self, encoderId: str, device: str):
-        from AnatSSLLib.encoders import load_encoder
+    def deviceDescription(self) -> str:
+        return self.lastDevice
 
-        key = (encoderId or "", device)
-        if key not in self._encoders:
-            self._encoders[key] = load_encoder(encoderId or None, cache=self.cache(), device=device)
-        try:
-            from AnatSSLLib.device import describe_device
+    # ---- the worker process ---------------------------------------------------------------------
+    def toolWorker(self):
+        """The worker process client (started on the first request)."""
+        if self.worker is None:
+            workerclient = _bridge_module("workerclient")
+            self.worker = workerclient.ToolWorker()
+            self._files = workerclient.VolumeFiles(os.path.join(self.worker.folder, "volumes"))
+        return self.worker
 
-            self.deviceDescription = describe_device(self._encoders[key].device)
-        except Exception:
-            self.deviceDescription = str(self._encoders[key].device)
-        return self._encoders[key]
+    def busy(self) -> bool:
+        return self.worker is not None and self.worker.busy
 
-    def store(self, encoderId: str, device: str, whiten: bool = False):
-        """The session's embedding store for an encoder; ``whiten``: each volume's embedding whitened
-        (the landmark and segmentation tools match those; the search tool's indexes hold raw ones)."""
-        from AnatSSLLib.embedding import EmbeddingStore
+    def fraction(self) -> float:
+        return self.worker.fraction if self.worker is not None else 0.0
 
-        key = (encoderId or "", device, bool(whiten))
-        if key not in self._stores:
-            self._stores[key] = EmbeddingStore(self.encoder(encoderId, device), whiten=whiten)
-        return self._stores[key]
+    def taskTitle(self) -> str:
+        request = self.worker.request if self.worker is not None else None
+        return request.title if request is not None else ""
 
-    def landmarkPropagator(self, encoderId: str, device: str, lowConfidence: float = 0.5, matchContrast: bool = False):
-        """The session's propagator for an encoder; ``matchContrast``: targets of another contrast than the
-        reference are registered and mapped into its contrast first (``AnatSSLLib.contrast``)."""
-        key = (encoderId or "", device, bool(matchContrast))
-        if key not in self._propagators:
-            options = {"initial_alignment": "registration", "match_contrast": True} if matchContrast else {}
-            self._propagators[key] = _bridge_module("landmarks").LandmarkPropagator(
-                self.store(encoderId, device, whiten=True), **options)
-        propagator = self._propagators[key]
-        propagator.low_confidence = float(lowConfidence)
-        return propagator
+    def poll(self) -> bool:
+        """Deliver the running request's end (True when it ended): call from a timer on the main thread."""
+        return bool(self.worker is not None and self.worker.poll())
 
-    def embeddingSearch(self, encoderId: str, device: str):
-        from AnatSSLLib.tools.search import EmbeddingSearch
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the running request ended (batch use and tests)."""
+        return bool(self.worker is not None and self.worker.wait(timeout))
 
-        key = (encoderId or "", device)
-        if key not in self._searches:
-            self._searches[key] = EmbeddingSearch(self.store(encoderId, device))
-        return self._searches[key]
+    def cancel(self, reason: str = "cancelled") -> bool:
+        """Cancel the running request (True if there was one); its answer arrives within a second."""
+        return bool(self.worker is not None and self.worker.cancel(reason))
 
-    def crossModalitySegmenter(self, encoderId: str, device: str):
-        """The segmentation tool as the effect runs it: registration start, the target mapped into the
-        reference's contrast (measured best across contrasts and no worse within one: benchmarks/README.md)."""
-        from AnatSSLLib.tools.segmentation import CrossModalitySegmenter
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
 
-        return CrossModalitySegmenter(self.store(encoderId, device, whiten=True), initial_alignment="registration",
-                                      match_contrast=True)
+    def workerArgs(self, encoderId: str, device: str, contrast: str = "auto") -> dict:
+        """What every tool request carries; ``contrast`` only when the user overrode "auto"."""
+        args = {"encoder": encoderId or "", "cache_dir": cacheFolderSetting() or "", "device": device or "auto"}
+        if contrast and contrast != "auto":
+            args["contrast"] = contrast
+        return args
+
+    def volumeMessage(self, node) -> dict:
+        """The node's voxels as a file for the worker (written again only when the node changed)."""
+        self.toolWorker()
+        imageData = node.GetImageData()
+        transform = node.GetParentTransformNode()
+        key = (node.GetMTime(), imageData.GetMTime() if imageData is not None else 0,
+               transform.GetMTime() if transform is not None else 0)
+        return self._files.message(node.GetID(), key, lambda: self.imageFromVolume(node), name=node.GetName())
+
+    def imageMessage(self, slot: str, image) -> dict:
+        """An image (a label map, a mask) as a file for the worker, written every time."""
+        self.toolWorker()
+        return self._files.message(slot, None, image)
+
+    def _submit(self, op: str, args: dict, title: str, done, finished):
+        """Send ``op``; its answer goes through ``done(result) -> value`` to ``finished(value, error)``."""
+        worker = self.toolWorker()
+
+        def delivered(result, error):
+            self.lastDevice = worker.last_device or self.lastDevice
+            if error is not None:
+                if finished is not None:
+                    finished(None, error)
+                return
+            try:
+                value = done(result, worker.last_note)
+            except Exception as exc:
+                if finished is None:
+                    raise
+                finished(None, exc)
+                return
+            if finished is not None:
+                finished(value, None)
+
+        return worker.submit(op, args, title, delivered)
+
+    def _blocking(self, start, *args, timeout: float | None = None, **kwargs):
+        box = {}
+        start(*args, finished=lambda value, error: box.update(value=value, error=error), **kwargs)
+        self.wait(timeout)
+        if box.get("error") is not None:
+            raise box["error"]
+        return box.get("value")
 
     # ---- device and errors ----------------------------------------------------------------------
     @staticmethod
     def isOutOfMemory(error) -> bool:
-        try:
-            from AnatSSLLib.device import is_out_of_memory
-
-            return bool(is_out_of_memory(error))
-        except Exception:
-            return "out of memory" in str(error).lower()
+        return bool(getattr(error, "oom", False)) or "out of memory" in str(error).lower()
 
     def describeError(self, error) -> str:
         if self.isOutOfMemory(error):
             return ("the GPU ran out of memory. Choose CPU as device (Encoder and device), close other GPU programs, "
                     "or use smaller volumes.")
         return str(error) or type(error).__name__
-
-    def withDeviceFallback(self, run, make, device: str):
-        """``((tool, run(tool)), note)``: run on ``device``; on a GPU out-of-memory error, once more on the CPU."""
-        tool = make(device)
-        try:
-            return (tool, run(tool)), ""
-        except Exception as exc:
-            if device == "cpu" or not self.isOutOfMemory(exc):
-                raise
-        try:
-            import torch
-
-            torch.cuda.empty_cache()
-        except Exception:
-            pass
-        tool = make("cpu")
-        return (tool, run(tool)), "The GPU ran out of memory; this run used the CPU instead."
 
     # ---- volumes --------------------------------------------------------------------------------
     def imageVolumes(self) -> list:
@@ -939,120 +1043,188 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
         """``(label image, {label: segment name})`` of ``segmentationNode`` on the reference grid."""
         return _bridge().segmentation_to_labelmap(slicer.mrmlScene, segmentationNode, referenceVolumeNode)
 
-    # ---- tools (batch use: blocking) -----------------------------------------------------------
+    # ---- landmarks ------------------------------------------------------------------------------
+    def startPropagation(self, referenceVolume, referenceLandmarks, targetVolumes, encoderId: str = "",
+                         device: str = "auto", lowConfidence: float = 0.5, contrast: str = "auto", finished=None):
+        """Check and read the inputs here, locate the points in the worker, write one markups node and table
+        per target when the answer arrives: ``finished(([LandmarkResult], note), error)``."""
+        import numpy as np
+        from AnatSSLLib.points import PointSet
+
+        landmarks = _bridge_module("landmarks")
+        scene = slicer.mrmlScene
+        plan = landmarks.prepare_landmarks(scene, referenceVolume, referenceLandmarks, list(targetVolumes),
+                                           self.encoderSpatialDims(encoderId), read_images=False)
+        points = plan["points"]
+        args = self.workerArgs(encoderId, device, contrast)
+        args.update(reference=self.volumeMessage(referenceVolume), labels=list(points.labels),
+                    positions=np.asarray(points.positions, dtype=float).tolist(), low_confidence=float(lowConfidence),
+                    targets=[{"tag": node.GetID(), "image": self.volumeMessage(node)} for node, _ in plan["targets"]])
+        nodes = {node.GetID(): node for node, _ in plan["targets"]}
+
+        def done(result, note):
+            computed = [(nodes[t["tag"]], PointSet(list(t["labels"]), np.asarray(t["positions"], dtype=float),
+                                                   confidence=np.asarray(t["confidence"], dtype=float)),
+                         list(t["recomputed"])) for t in result["targets"]]
+            return landmarks.write_landmarks(scene, plan, computed, float(lowConfidence)), note
+
+        return self._submit("landmarks", args, "Propagating landmarks", done, finished)
+
     def propagateLandmarks(self, referenceVolume, referenceLandmarks, targetVolumes, encoderId: str = "",
-                           device: str = "auto", lowConfidence: float = 0.5, matchContrast: bool = False):
+                           device: str = "auto", lowConfidence: float = 0.5, contrast: str = "auto"):
         """One markups node and table per target (see ``AnatSSLBridge.landmarks``); blocking."""
-        propagator = self.landmarkPropagator(encoderId, device, lowConfidence, matchContrast)
-        return propagator.propagate(slicer.mrmlScene, referenceVolume, referenceLandmarks, list(targetVolumes))
+        results, _ = self._blocking(self.startPropagation, referenceVolume, referenceLandmarks, targetVolumes,
+                                    encoderId=encoderId, device=device, lowConfidence=lowConfidence, contrast=contrast)
+        return results
 
-    def transferSegmentation(self, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=None,
-                             encoderId: str = "", device: str = "auto", segmentIds=None, saveUndoState=None):
-        """Fill ``outputSegmentation`` on ``targetVolume`` from the reference segmentation; blocking."""
-        plan = self.prepareTransfer(referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
-                                    encoderId, device, segmentIds)
-        (_, result), _ = self.computeTransfer(plan, encoderId, device)
-        return self.writeTransfer(plan, result, saveUndoState=saveUndoState)
-
-    # The Segment Editor effect runs these three steps: prepare and write on the main thread, compute in a thread.
+    # ---- segmentation transfer (the Segment Editor effect) -------------------------------------
     def prepareTransfer(self, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=None,
                         encoderId: str = "", device: str = "auto", segmentIds=None):
         """Check and read the inputs (``AnatSSLBridge.segmentation.TransferPlan``); bad input raises, nothing changes."""
         return _bridge_module("segmentation").prepare_transfer(
             slicer.mrmlScene, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
-            segment_ids=segmentIds, spatial_dims=self.encoder(encoderId, device).spatial_dims)
+            segment_ids=segmentIds, spatial_dims=self.encoderSpatialDims(encoderId))
 
-    def computeTransfer(self, plan, encoderId: str = "", device: str = "auto", progress=None, cancelled=None):
-        """``((segmenter, TransferResult), note)``: the label image (no MRML access), on the CPU after a GPU OOM."""
+    def startTransfer(self, plan, encoderId: str = "", device: str = "auto", contrast: str = "auto", finished=None):
+        """Compute the label image in the worker: ``finished((TransferResult, note), error)``; nothing is written."""
         segmentation = _bridge_module("segmentation")
-        return self.withDeviceFallback(
-            lambda segmenter: segmentation.compute_transfer(segmenter, plan, progress=progress, cancelled=cancelled),
-            lambda dev: self.crossModalitySegmenter(encoderId, dev), device)
+        worker = _bridge_module("worker")
+        self.toolWorker()
+        out_dir = os.path.join(self.worker.folder, "transfer")
+        os.makedirs(out_dir, exist_ok=True)
+        args = self.workerArgs(encoderId, device, contrast)
+        args.update(reference=self.volumeMessage(plan.reference_volume_node), target=self.volumeMessage(plan.target_volume_node),
+                    labels=self.imageMessage("transfer-labels", plan.labels), value_of=dict(plan.value_of),
+                    target_name=plan.target_name, out_dir=out_dir)
+
+        def done(result, note):
+            labels = worker.image_from_message(result["labels"])
+            return segmentation.TransferResult(labels, {k: int(v) for k, v in result["counts"].items()}), note
+
+        return self._submit("segment", args, "Transferring the segmentation", done, finished)
 
     def writeTransfer(self, plan, result, saveUndoState=None, editorSegmentation=None, checkEditor: bool = False):
         """Write the result (one undo state first); refused if a node left the scene or the editor changed segmentation."""
         kwargs = {"editor_segmentation_node": editorSegmentation} if checkEditor else {}
         return _bridge_module("segmentation").write_transfer(plan, result, save_undo_state=saveUndoState, **kwargs)
 
+    def transferSegmentation(self, referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=None,
+                             encoderId: str = "", device: str = "auto", segmentIds=None, saveUndoState=None,
+                             contrast: str = "auto"):
+        """Fill ``outputSegmentation`` on ``targetVolume`` from the reference segmentation; blocking."""
+        plan = self.prepareTransfer(referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
+                                    encoderId, device, segmentIds)
+        result, _ = self._blocking(self.startTransfer, plan, encoderId=encoderId, device=device, contrast=contrast)
+        return self.writeTransfer(plan, result, saveUndoState=saveUndoState)
+
     # ---- search ---------------------------------------------------------------------------------
-    def addToIndex(self, search, namedImages=None, folder: str | None = None, progress=None, cancelled=None):
-        """Add ``[(name, Image)]`` (read on the main thread) or every volume file of ``folder`` to the index."""
+    def hasIndex(self) -> bool:
+        return int(self.indexInfo.get("entries") or 0) > 0
+
+    def _indexAnswer(self, result) -> None:
+        if result and "index" in result:
+            self.indexInfo = dict(result["index"])
+
+    def startIndexing(self, volumeNodes=None, folder: str | None = None, encoderId: str = "", device: str = "auto",
+                      finished=None):
+        """Add loaded volumes (under their node names) or every volume file of ``folder`` to the worker's index."""
         from AnatSSLLib.errors import InputError
 
-        if self.index is None or self.index.encoder_id != search.encoder_id:
-            self.index = search.new_index()
+        args = self.workerArgs(encoderId, device)
         if folder:
-            from AnatSSLLib.datasets import find_volumes
-
-            paths = [str(p) for p in find_volumes([folder], None)]
-            if not paths:
-                raise InputError(f"no volume files found in {folder}")
-            items = [(p, p) for p in paths]
+            args["folder"] = str(folder)
         else:
-            items = list(namedImages or [])
-        added = []
-        for n, (name, source) in enumerate(items):
-            if cancelled is not None and cancelled():
-                break
-            if isinstance(source, str):
-                search.add(self.index, [source])
-                added.append(self.index.volume_names()[-1])
-            else:
-                if name in self.index.volume_names():
-                    self.index.remove_volume(name)
-                search.add(self.index, [source], names=[name])
-                added.append(name)
-            if progress is not None:
-                progress((n + 1) / len(items))
-        return added
+            nodes = list(volumeNodes or [])
+            if not nodes:
+                raise InputError("no volumes to index: load volumes or choose a folder")
+            check = _bridge_module("landmarks").check_volume_node
+            dims = self.encoderSpatialDims(encoderId)
+            for node in nodes:
+                check(node, "volume to index", dims)
+            names = [node.GetName() for node in nodes]
+            if len(set(names)) != len(names):
+                raise InputError(f"volumes to index: names must differ, got {names}; rename the volumes first")
+            args["volumes"] = [{"name": node.GetName(), "image": self.volumeMessage(node)} for node in nodes]
+
+        def done(result, note):
+            self._indexAnswer(result)
+            return result
+
+        def finishedAndRefresh(value, error):
+            if error is not None:  # cancelled between volumes: those added are kept; a killed worker kept none
+                partial = getattr(error, "partial", None)
+                if partial:
+                    self._indexAnswer(partial)
+                elif not self.worker.running:
+                    self.indexInfo = {"encoder_id": None, "volumes": [], "entries": 0}
+            if finished is not None:
+                finished(value, error)
+
+        return self._submit("index_add", args, "Indexing volumes", done, finishedAndRefresh)
+
+    def indexLoadedVolumes(self, encoderId: str = "", device: str = "auto") -> list[str]:
+        """Index every loaded image volume (blocking); returns the names added."""
+        return self._blocking(self.startIndexing, self.imageVolumes(), None, encoderId=encoderId, device=device)["added"]
 
     def describeIndex(self) -> str:
-        if self.index is None or not len(self.index):
+        names = list(self.indexInfo.get("volumes") or [])
+        if not self.hasIndex():
             return "No index yet."
-        names = self.index.volume_names()
-        return f"{len(names)} volume(s) indexed ({len(self.index)} places): " + ", ".join(names[:6]) + \
+        return f"{len(names)} volume(s) indexed ({self.indexInfo.get('entries')} places): " + ", ".join(names[:6]) + \
             (", ..." if len(names) > 6 else "")
 
-    def openIndex(self, folder: str) -> None:
-        from AnatSSLLib.index import EmbeddingIndex
+    def startOpenIndex(self, folder: str, finished=None):
+        return self._submit("index_open", {"folder": str(folder)}, "Opening the index",
+                            lambda result, note: self._indexAnswer(result) or result, finished)
 
-        self.index = EmbeddingIndex.open(folder)
+    def startSaveIndex(self, folder: str, finished=None):
+        return self._submit("index_save", {"folder": str(folder)}, "Saving the index",
+                            lambda result, note: self._indexAnswer(result) or result, finished)
+
+    def openIndex(self, folder: str) -> None:
+        self._blocking(self.startOpenIndex, folder)
 
     def saveIndex(self, folder: str):
+        return self._blocking(self.startSaveIndex, folder)["path"]
+
+    def startSearch(self, kind: str, volumeNode, pointsNode=None, segmentationNode=None, segmentId: str = "",
+                    k: int = 10, encoderId: str = "", device: str = "auto", finished=None):
+        """Read the query here (``"point"``: the last point of ``pointsNode``; ``"segment"``; ``"volume"``),
+        look it up in the worker, fill the results table: ``finished((hits, query, table node), error)``."""
+        import numpy as np
         from AnatSSLLib.errors import InputError
+        from AnatSSLLib.index import SearchHit
 
-        if self.index is None:
-            raise InputError("there is no index to save: build one first")
-        return self.index.save(folder)
+        search = _bridge_module("search")
+        if not self.hasIndex():
+            raise InputError("there is no index (or it is empty): build one (Index loaded volumes / Index a folder) "
+                             "or open one first")
+        dims = self.encoderSpatialDims(encoderId)
+        if kind == "point":
+            if pointsNode is None:
+                raise InputError("no query point list: choose (or create) one and click the query point")
+            query = search.point_query(volumeNode, pointsNode, spatial_dims=dims)
+        elif kind == "segment":
+            query = search.segment_query(slicer.mrmlScene, volumeNode, segmentationNode, segmentId, spatial_dims=dims)
+        elif kind == "volume":
+            query = search.volume_query(volumeNode, spatial_dims=dims)
+        else:
+            raise InputError(f"query kind: expected 'point', 'segment' or 'volume', got {kind!r}")
+        args = self.workerArgs(encoderId, device)
+        args.update(kind=kind, image=self.volumeMessage(volumeNode), k=int(k),
+                    point_lps=None if query.point_lps is None else np.asarray(query.point_lps, dtype=float).tolist(),
+                    mask=self.imageMessage("search-mask", query.mask) if query.mask is not None else None)
 
-    def _spatialDims(self, search) -> int | None:
-        try:
-            return int(search.store.encoder.spatial_dims)
-        except Exception:
-            return None
+        def done(result, note):
+            hits = [SearchHit(h["volume"], None if h["position"] is None else np.asarray(h["position"], dtype=float),
+                              float(h["score"]), h.get("path") or "") for h in result["hits"]]
+            return hits, query, self.showHits(hits)
 
-    def pointQuery(self, volumeNode, pointsNode, search=None):
-        """The last placed point of ``pointsNode`` on ``volumeNode`` (``AnatSSLBridge.search.SearchQuery``)."""
-        from AnatSSLLib.errors import InputError
+        return self._submit("search", args, "Searching", done, finished)
 
-        if pointsNode is None:
-            raise InputError("no query point list: choose (or create) one and click the query point")
-        return _bridge_module("search").point_query(volumeNode, pointsNode,
-                                                    spatial_dims=self._spatialDims(search) if search else None)
-
-    def segmentQuery(self, volumeNode, segmentationNode, segmentId: str, search=None):
-        """The region of one segment on ``volumeNode``."""
-        return _bridge_module("search").segment_query(slicer.mrmlScene, volumeNode, segmentationNode, segmentId,
-                                                      spatial_dims=self._spatialDims(search) if search else None)
-
-    def volumeQuery(self, volumeNode, search=None):
-        """The whole of ``volumeNode``: the indexed volumes most like it."""
-        return _bridge_module("search").volume_query(volumeNode,
-                                                     spatial_dims=self._spatialDims(search) if search else None)
-
-    def runQuery(self, search, query, k: int = 10):
-        """The hits of a query from :meth:`pointQuery` / :meth:`segmentQuery` / :meth:`volumeQuery` (no MRML access)."""
-        return _bridge_module("search").run_query(search, self.index, query, k=k)
+    def search(self, kind: str, volumeNode, **kwargs):
+        """Blocking :meth:`startSearch`: ``(hits, query, table node)``."""
+        return self._blocking(self.startSearch, kind, volumeNode, **kwargs)
 
     def showHits(self, hits):
         self.resultsTable = _bridge_module("search").hits_to_table(
@@ -1083,13 +1255,50 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
             paths.append(str(write_image(self.imageFromVolume(volume), os.path.join(folder, f"volume{n:03d}.nii.gz"))))
         return paths
 
-    def pretrainJob(self, data, device: str, steps: int, batchSize: int, name: str | None = None):
-        """A :class:`AnatSSLBridge.jobs.PretrainJob` (not started) writing into the module's encoder cache."""
-        return _bridge_module("jobs").PretrainJob(
-            data=data, cache_dir=cacheFolderSetting() or self.defaultCacheFolder(), device=device,
-            ld_steps=steps, batch_size=batchSize, name=name)
+    def pretrainJob(self, data, device: str, recipe: str = "", batchSize: int = 2, name: str | None = None):
+        """A :class:`AnatSSLBridge.jobs.PretrainJob` (not started) running ``recipe`` (``AnatSSLLib.recipes``;
+        "" = the first, the bundled default's) into the module's encoder cache."""
+        return _bridge_module("jobs").PretrainJob.from_recipe(
+            recipe or recipes()[0].name, data=data, cache_dir=cacheFolderSetting() or self.defaultCacheFolder(),
+            device=device, batch_size=batchSize, name=name)
 
     # ---- dependencies ---------------------------------------------------------------------------
+    def ensureDependencies(self, force_message: bool = False, status=None) -> bool:
+        """Offer to install what is missing (torch through the PyTorch extension); True when all present.
+
+        Shared by the module and the Segment Editor effect. Refuses to start a second install while one
+        runs (``pip_install`` processes Qt events, so a second click could arrive meanwhile).
+        """
+        dependencies = _bridge_module("dependencies")
+        if self._installingDependencies:
+            if status is not None:
+                status("The Python packages are being installed; wait until it has finished.")
+            return False
+        plan = dependencies.install_plan()
+        if plan.empty:
+            if force_message:
+                slicer.util.infoDisplay("All Python packages AnatSSL needs are installed.")
+            return True
+        if not slicer.util.confirmOkCancelDisplay(plan.describe(), windowTitle="AnatSSL: install Python packages"):
+            if status is not None:
+                status("Python packages not installed: the tools cannot run without them "
+                       "(Advanced tab > Check / install Python packages).")
+            return False
+        self._installingDependencies = True
+        try:
+            with slicer.util.WaitCursor():
+                self.installDependencies(plan)
+        except Exception as exc:
+            slicer.util.errorDisplay(f"Installing the Python packages failed:\n{exc}\n\nCheck the internet connection "
+                                     "(or a proxy), then try again from the Advanced tab.")
+            return False
+        finally:
+            self._installingDependencies = False
+        if self.worker is not None:  # a worker started before the install cannot see the new packages
+            self.worker.stop()
+            self.worker = None
+        return dependencies.install_plan().empty
+
     @staticmethod
     def installDependencies(plan) -> None:
         """Install ``plan`` (``AnatSSLBridge.dependencies.InstallPlan``): torch via PyTorchUtils, then pip."""
@@ -1109,5 +1318,6 @@ class AnatSSLLogic(ScriptedLoadableModuleLogic):
 
 
 def _bridge_module(name: str):
-    """A sub-module of the bridge (``landmarks``, ``search``, ``segmentation``, ``jobs``, ``dependencies``)."""
+    """A sub-module of the bridge (``landmarks``, ``search``, ``segmentation``, ``jobs``, ``dependencies``,
+    ``workerclient``, ``worker``)."""
     return importlib.import_module(f"AnatSSLBridge.{name}")

@@ -197,6 +197,31 @@ def test_install_gives_the_same_tree(configured):
     _check_tree(install / LIB_DIR)
 
 
+def _self_test_candidates():
+    """``AnatSSL.selfTestCandidates`` without importing AnatSSL.py (it imports qt)."""
+    import ast
+
+    tree = ast.parse((MODULE_DIR / "AnatSSL.py").read_text(encoding="utf-8"))
+    (func,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "selfTestCandidates"]
+    func.args.defaults = []
+    namespace = {"os": os}
+    exec(compile(ast.Module(body=[func], type_ignores=[]), "AnatSSL.py", "exec"), namespace)
+    return namespace["selfTestCandidates"]
+
+
+def test_self_test_is_installed_where_reload_and_test_looks(configured):
+    """Issue 29, defect 10: "Reload and Test" in an installed extension found no self-test."""
+    build, install = configured
+    candidates = _self_test_candidates()
+    for tree in (build / LIB_DIR, install / LIB_DIR):
+        shipped = tree / "Testing" / "Python" / "AnatSSLSelfTest.py"
+        assert shipped.read_bytes() == (ROOT / "Testing" / "Python" / "AnatSSLSelfTest.py").read_bytes()
+        first = next(p for p in candidates(str(tree)) if os.path.exists(p))
+        assert Path(first) == shipped  # the installed copy, not one outside the extension
+    # in a source checkout (developer mode) the repository's copy is found
+    assert os.path.exists(next(p for p in candidates(str(MODULE_DIR)) if os.path.exists(p)))
+
+
 # ---- (c) compile ------------------------------------------------------------------------------
 def test_module_files_compile(tmp_path):
     files = sorted(p for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts)

@@ -464,6 +464,53 @@ def _sleeper(tmp_path):
     return str(script)
 
 
+def test_result_tables_show_titles_as_header_and_view_rows_map_to_hits(scene):
+    """Issue 29, defect 2: with the node's default (titles as the view's row 0) a click on row k opened
+    hit k + 1. The tables now put the titles in the header, and the view row is mapped explicitly
+    (``qMRMLTableModel.mrmlTableRowIndex`` is not wrapped for Python)."""
+    from AnatSSLBridge.landmarks import fill_landmark_table
+    from AnatSSLBridge.search import hit_from_table_row, hits_to_table, table_row_of_view_row
+    from AnatSSLLib.index import SearchHit
+    from AnatSSLLib.points import PointSet
+
+    hits = [SearchHit(f"volume {n}", np.array([n, 0.0, 0.0]), 1.0 - n / 10) for n in (1, 2, 3)]
+    table = hits_to_table(scene, hits)
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert [hit_from_table_row(table, table_row_of_view_row(table, r))[0] for r in range(3)] == \
+        ["volume 1", "volume 2", "volume 3"]
+    points = PointSet(["AC", "PC"], np.zeros((2, 3)), confidence=np.array([0.9, 0.2]))
+    assert fill_landmark_table(scene, points, 0.5).GetUseColumnTitleAsColumnHeader()
+    plain = scene.AddNewNodeByClass("vtkMRMLTableNode")  # a table made elsewhere: titles are view row 0
+    assert table_row_of_view_row(plain, 0) == -1 and table_row_of_view_row(plain, 2) == 1
+
+
+def test_pretrain_job_from_recipe_and_finished_only_after_the_exit_event(tmp_path):
+    """Defects 3 and 11: a job runs a named recipe; ``finished`` turns True only when the exit event
+    (queued after every output line) has been polled, not when the process ends."""
+    import sys
+
+    from AnatSSLBridge.jobs import PretrainJob
+    from AnatSSLLib.recipes import RECIPES
+
+    job = PretrainJob.from_recipe("default", population="pop", cache_dir=tmp_path, device="cpu", name="x")
+    command = job.command()
+    assert command.count("--method") == 1 and command[command.index("--method") + 1] == "ld"
+    assert " ".join(RECIPES["default"].cli_args[2:]) in " ".join(command)
+    with pytest.raises(InputError, match="default, paper"):
+        PretrainJob.from_recipe("fast", population="pop")
+    script = tmp_path / "fake.py"
+    script.write_text('import json, sys\nprint(json.dumps({"event": "summary", "encoder_id": "ld-new"}))\n')
+    job = PretrainJob(population="pop", cache_dir=tmp_path, python=sys.executable)
+    job.command = lambda: [sys.executable, str(script)]
+    job.start()
+    job._process.wait(timeout=60)
+    assert not job.running and not job.finished  # ended, but nothing polled yet
+    deadline = __import__("time").monotonic() + 30
+    while not job.finished and __import__("time").monotonic() < deadline:
+        job.poll()
+    assert job.finished and job.returncode == 0 and job.encoder_id == "ld-new"
+
+
 def test_pretrain_job_bad_settings():
     from AnatSSLBridge.jobs import PretrainJob
 

@@ -73,7 +73,8 @@ EXAMPLES = {
     "searchVolumeSelector": ["sub-01 T1"],
     "searchPointsSelector": ["query point"],
     "searchSegmentSelector": ["Segmentation: left hippocampus"],
-    "methodSelector": ["LD (local discrimination, 3D)"],
+    "recipeSelector": ["default: the recipe of the bundled default encoder (about 1.5 mm landmark error on T1 in our benchmarks)"],
+    "contrastSelector": ["auto (recommended)", "same contrast as the reference", "map targets into the reference's contrast"],
 }
 TABLES = {
     "landmarksTableView": (["label", "R", "A", "S", "confidence", "low confidence"],
@@ -105,6 +106,8 @@ def fill_examples(widget) -> None:
     for name, text in (("landmarksPlaceWidget", "Place points"), ("searchPlaceWidget", "Place point")):
         widget.findChild(QtWidgets.QToolButton, name).setText(text)
     widget.findChild(QtWidgets.QLineEdit, "cacheFolderPathLineEdit").setText("~/.cache/anatssl/encoders")
+    widget.findChild(QtWidgets.QLabel, "recipeInfoLabel").setText(
+        "Expected time: about 32 min on a 2-core CPU for 20 volumes at 2 mm (longer with more or larger volumes).")
     widget.findChild(QtWidgets.QLabel, "deviceInfoLabel").setText("Runs on: NVIDIA RTX A4000, 16 GB (cuda:0)")
     widget.findChild(QtWidgets.QLabel, "indexStatusLabel").setText("3 volume(s) indexed (41 250 places): sub-01 T1, sub-02 T1, sub-03 T1")
     widget.findChild(QtWidgets.QLabel, "landmarksResultLabel").setText(

@@ -162,7 +162,7 @@ def test_widget_calls_only_logic_methods_that_exist():
     # every bridge sub-module the module imports by name exists (and is listed for packaging)
     modules = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                and n.func.id == "_bridge_module" and n.args and isinstance(n.args[0], ast.Constant)}
-    assert modules == {"dependencies", "jobs", "landmarks", "search", "segmentation"}
+    assert modules == {"dependencies", "jobs", "landmarks", "search", "segmentation", "worker", "workerclient"}
     cmake = (ROOT / "AnatSSL" / "CMakeLists.txt").read_text(encoding="utf-8")
     for name in modules:
         assert (ROOT / "AnatSSL" / "AnatSSLBridge" / f"{name}.py").is_file()
@@ -184,34 +184,47 @@ def _called_names(node: ast.AST) -> set[str]:
 
 
 def test_effect_computes_off_the_gui_thread_and_writes_once_with_undo():
-    """The effect's Apply only prepares; the segmentation runs in the worker handed to the runner; the
-    write (with the undo state) happens in the main-thread callback."""
+    """The effect's Apply only prepares and sends the request to the worker process (through the shared
+    logic); the write (with the undo state) happens in the main-thread callback the logic's poll calls."""
     methods = _effect_methods()
     heavy = {"computeTransfer", "compute_transfer", "transferSegmentation", "transfer_segmentation", "segment"}
     apply_ = methods["onApply"]
-    nested = {n.name: n for n in ast.walk(apply_) if isinstance(n, ast.FunctionDef) and n is not apply_}
-    assert set(nested) == {"work"}
-    assert _called_names(nested["work"]) & heavy == {"computeTransfer"}
-    outside_work = _called_names(ast.Module(body=[s for s in apply_.body if s is not nested["work"]], type_ignores=[]))
-    assert not outside_work & heavy, outside_work & heavy
+    assert not _called_names(apply_) & heavy
+    assert {"prepareTransfer", "startTransfer", "ensureDependencies"} <= _called_names(apply_)
     starts = [n for n in ast.walk(apply_) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-              and n.func.attr == "start" and ast.unparse(n.func.value) == "self._runner"]
-    assert len(starts) == 1 and [ast.unparse(a) for a in starts[0].args[1:]] == ["work", "self._onFinished"]
-    assert "prepareTransfer" in _called_names(apply_)
-    for name, method in methods.items():  # no other method computes
-        if name != "onApply":
-            assert not _called_names(method) & heavy, name
-    # the write and its undo state: only in the callback the runner calls on the main thread
+              and n.func.attr == "startTransfer"]
+    assert len(starts) == 1 and any(k.arg == "finished" and ast.unparse(k.value) == "self._onFinished"
+                                    for k in starts[0].keywords)
+    for name, method in methods.items():  # no method computes
+        assert not _called_names(method) & heavy, name
+    # the write and its undo state: only in the callback, called on the main thread
     users = sorted(name for name, m in methods.items()
                    if any(isinstance(n, ast.Attribute) and n.attr in ("saveStateForUndo", "writeTransfer")
                           for n in ast.walk(m)))
     assert users == ["_onFinished"]
-    # Apply refuses while running; Cancel and the timer exist and are connected
+    # Apply refuses while running (and offers the install before anything else); Cancel and the timer exist
     setup = ast.unparse(methods["setupOptionsFrame"])
     for widget, signal in (("applyButton", "clicked()"), ("cancelButton", "clicked()"), ("_timer", "timeout()")):
         assert f"self.{widget}.connect('{signal}'" in setup, widget
-    assert "self.busy()" in ast.unparse(apply_).split("prepareTransfer")[0]
-    assert "progressBar" in setup and "self._runner.fraction" in ast.unparse(methods["onTimer"])
+    text = ast.unparse(apply_)
+    assert text.index("self.busy()") < text.index("ensureDependencies") < text.index("prepareTransfer")
+    assert "progressBar" in setup and "logic.fraction()" in ast.unparse(methods["onTimer"])
+
+
+def test_no_tool_work_in_a_thread_of_slicers_process():
+    """Issue 29, defect 1: the module and the effect send tools to the worker process; neither starts
+    a thread nor uses the thread runner, and the logic does not import torch (the worker does)."""
+    for path in (ROOT / "AnatSSL" / "AnatSSL.py", EFFECT):
+        source = path.read_text(encoding="utf-8")
+        for word in ("threading", "TaskRunner", "BackgroundTask", "Thread("):
+            assert word not in source, (path.name, word)
+        tree = ast.parse(source)
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)
+                                          if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"torch", "monai"}, (path.name, imported & {"torch", "monai"})
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert not names & {"EmbeddingStore", "LandmarkLocator", "CrossModalitySegmenter", "EmbeddingSearch"}
 
 
 def test_effect_widgets_are_made_before_use():

@@ -1,11 +1,12 @@
-"""Long work off the GUI thread: tool runs in a thread, pretraining in a separate process.
+"""Long work off the GUI thread: pretraining in a separate process, and the shared pieces of the tool worker.
 
-:class:`TaskRunner` runs one :class:`BackgroundTask` at a time (a tool run: landmark propagation,
-indexing, search, cross-modality segmentation) in a Python thread that reads no MRML node; the
-widget or the Segment Editor effect polls it from a ``qt.QTimer`` and gets the result back on the
-main thread, where the nodes are written. A second request while one runs is refused with a plain
-message; a cancelled run (Cancel, or the scene closed) delivers :class:`TaskCancelled`, never a
-result, so nothing is written.
+The Slicer module runs every tool request (landmark propagation, indexing, search, cross-modality
+segmentation) in one long-lived worker *process* (:mod:`AnatSSLBridge.workerclient`), never in a
+Python thread of Slicer's process: Slicer's main thread holds the GIL while it waits in the Qt
+event loop, so such a thread would advance only on timer ticks. :class:`TaskRunner` (a thread)
+remains for batch scripts and tests that run the prepare / compute / write steps in one plain
+Python process; the module does not use it. A cancelled run delivers :class:`TaskCancelled`,
+never a result, so nothing is written.
 
 :class:`PretrainJob` runs ``python -m AnatSSLLib.cli pretrain ... --progress jsonl`` in its own
 process group. A reader thread parses every output line (:func:`AnatSSLLib.progress.parse_event`)
@@ -260,6 +261,26 @@ class PretrainJob:
         self.last_error: str | None = None
         self.cancel_requested = False
 
+    @classmethod
+    def from_recipe(cls, recipe: str, **kwargs) -> "PretrainJob":
+        """A job running the named recipe of :mod:`AnatSSLLib.recipes` (its settings as CLI arguments).
+
+        ``kwargs`` are the other arguments of the constructor (data, cache_dir, device, batch_size, name ...).
+        """
+        from AnatSSLLib.recipes import RECIPES
+
+        if recipe not in RECIPES:
+            raise InputError(f"pretraining recipe: expected one of {', '.join(RECIPES)}, got {recipe!r}")
+        chosen = RECIPES[recipe]
+        args = list(chosen.cli_args)
+        method = chosen.method
+        if "--method" in args:  # the job writes --method itself
+            at = args.index("--method")
+            method = args[at + 1]
+            del args[at:at + 2]
+        extra = list(kwargs.pop("extra_args", ()))
+        return cls(method=method, extra_args=args + extra, **kwargs)
+
     # ---- command --------------------------------------------------------------------------------
     def command(self) -> list[str]:
         """The full command line (a list, no shell)."""
@@ -295,6 +316,13 @@ class PretrainJob:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def finished(self) -> bool:
+        """True once :meth:`poll` has handed out the ``exit`` event, which the reader queues only after
+        every output line: a process that has ended (``running`` False) may still have its summary
+        and error lines waiting, so poll until ``finished``, not while ``running``."""
+        return self.returncode is not None
 
     @property
     def encoder_id(self) -> str | None:

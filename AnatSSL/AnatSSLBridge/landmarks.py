@@ -33,6 +33,9 @@ __all__ = [
     "LandmarkPropagator",
     "LandmarkResult",
     "check_volume_node",
+    "check_landmark_inputs",
+    "prepare_landmarks",
+    "write_landmarks",
     "landmark_table_columns",
     "DEFAULT_LOW_CONFIDENCE",
     "ATTR_TARGET",
@@ -99,6 +102,84 @@ class LandmarkResult:
     recomputed: list[str]  # labels located anew in this run (the rest came from the previous run)
 
 
+def check_landmark_inputs(reference_node, markups_node, target_nodes: Sequence, spatial_dims: int | None = None) -> PointSet:
+    """Check every input of a propagation (see the module docstring); returns the reference points (LPS mm).
+
+    ``spatial_dims``: the encoder's dimensionality (from its manifest: no weights are loaded here).
+    """
+    check_volume_node(reference_node, "reference volume", spatial_dims)
+    require_node(markups_node, "vtkMRMLMarkupsNode", "reference landmarks")
+    if not target_nodes:
+        raise InputError("no target volumes: tick at least one volume to propagate the landmarks to")
+    seen = set()
+    for node in target_nodes:
+        check_volume_node(node, "target volume", spatial_dims)
+        if node is reference_node or node.GetID() == reference_node.GetID():
+            raise InputError(f"target volume {node.GetName()!r} is the reference volume; untick it")
+        if node.GetID() in seen:
+            raise InputError(f"target volume {node.GetName()!r} is listed twice")
+        seen.add(node.GetID())
+    points = points_from_markups_node(markups_node)
+    if len(points) == 0:
+        raise InputError(f"reference landmarks {markups_node.GetName()!r}: no points placed; place at least one "
+                         "point on the reference volume")
+    duplicates = sorted({lab for lab in points.labels if points.labels.count(lab) > 1})
+    if duplicates:
+        raise InputError(f"reference landmarks {markups_node.GetName()!r}: labels {duplicates} are used more than "
+                         "once; give every point its own label")
+    return points
+
+
+def prepare_landmarks(scene, reference_node, markups_node, target_nodes: Sequence, spatial_dims: int | None = None,
+                      read_images: bool = True) -> dict:
+    """Check the inputs and read the points (and, with ``read_images``, the volumes) on the main thread.
+
+    Returns the plan :meth:`LandmarkPropagator.compute` and :func:`write_landmarks` take:
+    ``{"reference", "points", "markups_node", "reference_node", "targets": [(node, Image or None)]}``.
+    """
+    require_scene(scene)
+    points = check_landmark_inputs(reference_node, markups_node, target_nodes, spatial_dims)
+    reference = image_from_volume_node(reference_node)
+    inside = reference.contains(points.positions)
+    if not np.all(inside):
+        bad = [lab for lab, ok in zip(points.labels, inside) if not ok]
+        raise InputError(f"reference landmarks {bad} lie outside the reference volume {reference_node.GetName()!r}; "
+                         "move them onto it or choose the volume they were placed on")
+    return {"reference": reference, "points": points, "markups_node": markups_node, "reference_node": reference_node,
+            "targets": [(node, image_from_volume_node(node) if read_images else None) for node in target_nodes]}
+
+
+def write_landmarks(scene, plan: dict, computed, low_confidence: float = DEFAULT_LOW_CONFIDENCE) -> list[LandmarkResult]:
+    """Create or update the output nodes (main thread) from ``computed`` = ``[(target node, PointSet, recomputed)]``.
+
+    Refuses (:class:`InputError`, nothing written) if an input left the scene during the run.
+    """
+    markups_node = plan["markups_node"]
+    for node in [markups_node] + [target for target, _, _ in computed]:
+        if node.GetScene() is not scene:
+            raise InputError(f"{node.GetName()!r} was removed (or the scene closed) during the run; nothing was written")
+    return [_write_target(scene, target_node, markups_node, result, todo, low_confidence)
+            for target_node, result, todo in computed]
+
+
+def _write_target(scene, target_node, markups_node, result: PointSet, recomputed: list[str],
+                  low_confidence: float) -> LandmarkResult:
+    low = [lab for lab, c in zip(result.labels, result.confidence) if c < low_confidence]
+    texts = [LOW_TEXT if lab in low else "" for lab in result.labels]
+    points = PointSet(result.labels, result.positions, texts, result.confidence)
+    node = _find_output(scene, "vtkMRMLMarkupsFiducialNode", target_node, markups_node)
+    node = _fill_markups(scene, node, points, f"{target_node.GetName()} landmarks")
+    for index, label in enumerate(result.labels):
+        node.SetNthControlPointSelected(index, label not in low)
+    table = _find_output(scene, "vtkMRMLTableNode", target_node, markups_node)
+    table = fill_landmark_table(scene, points, low_confidence, node=table,
+                                name=f"{target_node.GetName()} landmarks table")
+    for out in (node, table):
+        out.SetAttribute(ATTR_TARGET, target_node.GetID())
+        out.SetAttribute(ATTR_SOURCE, markups_node.GetID())
+    return LandmarkResult(target_node, node, table, result, low, list(recomputed))
+
+
 class LandmarkPropagator:
     """Propagates reference landmarks to target volume nodes with one encoder.
 
@@ -125,27 +206,7 @@ class LandmarkPropagator:
     # ---- checks ---------------------------------------------------------------------------------
     def check(self, reference_node, markups_node, target_nodes: Sequence) -> PointSet:
         """Check every input (see the module docstring); returns the reference points (LPS mm)."""
-        check_volume_node(reference_node, "reference volume", self.spatial_dims)
-        require_node(markups_node, "vtkMRMLMarkupsNode", "reference landmarks")
-        if not target_nodes:
-            raise InputError("no target volumes: tick at least one volume to propagate the landmarks to")
-        seen = set()
-        for node in target_nodes:
-            check_volume_node(node, "target volume", self.spatial_dims)
-            if node is reference_node or node.GetID() == reference_node.GetID():
-                raise InputError(f"target volume {node.GetName()!r} is the reference volume; untick it")
-            if node.GetID() in seen:
-                raise InputError(f"target volume {node.GetName()!r} is listed twice")
-            seen.add(node.GetID())
-        points = points_from_markups_node(markups_node)
-        if len(points) == 0:
-            raise InputError(f"reference landmarks {markups_node.GetName()!r}: no points placed; place at least one "
-                             "point on the reference volume")
-        duplicates = sorted({lab for lab in points.labels if points.labels.count(lab) > 1})
-        if duplicates:
-            raise InputError(f"reference landmarks {markups_node.GetName()!r}: labels {duplicates} are used more than "
-                             "once; give every point its own label")
-        return points
+        return check_landmark_inputs(reference_node, markups_node, target_nodes, self.spatial_dims)
 
     # ---- run ------------------------------------------------------------------------------------
     def propagate(
@@ -176,20 +237,11 @@ class LandmarkPropagator:
 
     def prepare(self, scene, reference_node, markups_node, target_nodes: Sequence) -> dict:
         """Check the inputs and read the volumes and points (main thread: touches MRML nodes only to read)."""
-        require_scene(scene)
-        points = self.check(reference_node, markups_node, target_nodes)
-        reference = image_from_volume_node(reference_node)
-        inside = reference.contains(points.positions)
-        if not np.all(inside):
-            bad = [lab for lab, ok in zip(points.labels, inside) if not ok]
-            raise InputError(f"reference landmarks {bad} lie outside the reference volume {reference_node.GetName()!r}; "
-                             "move them onto it or choose the volume they were placed on")
-        return {"reference": reference, "points": points, "markups_node": markups_node,
-                "targets": [(node, image_from_volume_node(node)) for node in target_nodes]}
+        return prepare_landmarks(scene, reference_node, markups_node, target_nodes, self.spatial_dims)
 
     def compute(self, plan: dict, *, progress: Callable[[float], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> list[tuple[object, PointSet, list[str]]]:
-        """Locate the points in every target (no MRML access: safe in a worker thread).
+        """Locate the points in every target (no MRML access: runs in the tool worker process).
 
         ``cancelled`` is asked between targets; when it returns True, :class:`InputError` ("cancelled") is raised.
         """
@@ -223,33 +275,11 @@ class LandmarkPropagator:
 
     def write(self, scene, plan: dict, computed) -> list[LandmarkResult]:
         """Create or update the output nodes (main thread). Refuses if an input left the scene meanwhile."""
-        markups_node = plan["markups_node"]
-        for node in [markups_node] + [target for target, _, _ in computed]:
-            if node.GetScene() is not scene:
-                raise InputError(f"{node.GetName()!r} was removed (or the scene closed) during the run; nothing was written")
-        return [self._write(scene, target_node, markups_node, result, todo)
-                for target_node, result, todo in computed]
+        return write_landmarks(scene, plan, computed, self.low_confidence)
 
     def _known(self, ref_key: str, tgt_key: str, label: str, position: np.ndarray) -> bool:
         previous = self._memo.get((ref_key, tgt_key, label))
         return previous is not None and np.allclose(previous[0], position, atol=1e-6)
-
-    # ---- output nodes ---------------------------------------------------------------------------
-    def _write(self, scene, target_node, markups_node, result: PointSet, recomputed: list[str]) -> LandmarkResult:
-        low = [lab for lab, c in zip(result.labels, result.confidence) if c < self.low_confidence]
-        texts = [LOW_TEXT if lab in low else "" for lab in result.labels]
-        points = PointSet(result.labels, result.positions, texts, result.confidence)
-        node = _find_output(scene, "vtkMRMLMarkupsFiducialNode", target_node, markups_node)
-        node = _fill_markups(scene, node, points, f"{target_node.GetName()} landmarks")
-        for index, label in enumerate(result.labels):
-            node.SetNthControlPointSelected(index, label not in low)
-        table = _find_output(scene, "vtkMRMLTableNode", target_node, markups_node)
-        table = fill_landmark_table(scene, points, self.low_confidence, node=table,
-                                    name=f"{target_node.GetName()} landmarks table")
-        for out in (node, table):
-            out.SetAttribute(ATTR_TARGET, target_node.GetID())
-            out.SetAttribute(ATTR_SOURCE, markups_node.GetID())
-        return LandmarkResult(target_node, node, table, result, low, list(recomputed))
 
 
 def _find_output(scene, class_name: str, target_node, markups_node):
@@ -306,6 +336,9 @@ def fill_landmark_table(scene, points: PointSet, low_confidence: float, *, node=
             if unit:
                 node.SetColumnUnitLabel(col_name, unit)
             node.SetColumnDescription(col_name, description)
+        from .search import use_titles_as_header
+
+        use_titles_as_header(node)
         table.Modified()
     finally:
         node.EndModify(was_modifying)

@@ -4,7 +4,7 @@ Wraps :class:`AnatSSLLib.tools.search.EmbeddingSearch` and :class:`AnatSSLLib.in
 Loaded volumes are indexed under their node name. A query is read from the scene on the main
 thread (:func:`point_query`: the last point of a markups node, or world RAS mm; :func:`segment_query`:
 a segment on the query volume's grid; :func:`volume_query`: the whole volume) and answered by
-:func:`run_query` without touching MRML (a worker thread). The hits go into a ``vtkMRMLTableNode``
+:func:`run_query` without touching MRML (in the tool worker process). The hits go into a ``vtkMRMLTableNode``
 with columns rank, volume, R, A, S (world RAS mm; NaN for a whole-volume hit), score, node ID (the
 loaded volume node of that name, if any) and path (the file the index read it from, if any);
 :func:`jump_to_hit` shows a row's volume in the slice views, centred on its position.
@@ -38,6 +38,8 @@ __all__ = [
     "search_from_volume",
     "hits_to_table",
     "hit_from_table_row",
+    "table_row_of_view_row",
+    "use_titles_as_header",
     "jump_to_hit",
     "SEARCH_COLUMNS",
 ]
@@ -236,10 +238,34 @@ def hits_to_table(scene, hits, *, node=None, name: str = "AnatSSL search results
             if unit:
                 node.SetColumnUnitLabel(col_name, unit)
         node.SetColumnDescription("score", "cosine similarity of the embeddings (higher is more similar)")
+        use_titles_as_header(node)
         table.Modified()
     finally:
         node.EndModify(was_modifying)
     return node
+
+
+def use_titles_as_header(table_node) -> None:
+    """Show the column titles in the header, not as row 0 of the view (as SegmentStatistics does).
+
+    With ``UseColumnTitleAsColumnHeader`` off (the node's default) ``qMRMLTableView`` shows the
+    column names as the first row, so view row k is table row k - 1 (:func:`table_row_of_view_row`).
+    """
+    if hasattr(table_node, "SetUseColumnTitleAsColumnHeader"):
+        table_node.SetUseColumnTitleAsColumnHeader(True)
+    else:  # Slicer before the rename
+        table_node.SetUseColumnNameAsColumnHeader(True)
+
+
+def table_row_of_view_row(table_node, view_row: int) -> int:
+    """The ``vtkTable`` row (0-based) shown at row ``view_row`` of a ``qMRMLTableView`` of ``table_node``.
+
+    ``qMRMLTableModel.mrmlTableRowIndex`` does this in C++ but is not wrapped for Python; the
+    view's row is the table's row unless the column titles are shown as the view's first row.
+    Returns -1 for that title row.
+    """
+    getter = getattr(table_node, "GetUseColumnTitleAsColumnHeader", None) or table_node.GetUseColumnNameAsColumnHeader
+    return int(view_row) if getter() else int(view_row) - 1
 
 
 def hit_from_table_row(table_node, row: int) -> tuple[str, str, np.ndarray]:

@@ -13,7 +13,7 @@ The run has three steps, so that the long one stays off the GUI thread:
 
 1. :func:`prepare_transfer` (main thread): every check, then the volumes and the reference labels
    are read into :class:`~AnatSSLLib.image.Image` copies. Bad input raises here and nothing is changed.
-2. :func:`compute_transfer` (any thread, no MRML access): embeddings and the label image, with
+2. :func:`compute_transfer` (the tool worker process, or any thread: no MRML access): embeddings and the label image, with
    progress and cancel checks between the stages.
 3. :func:`write_transfer` (main thread): refuses if a node it needs left the scene (or the scene
    was closed, or the Segment Editor switched to another segmentation) during the run; otherwise
@@ -67,6 +67,7 @@ class TransferPlan:
     target: Image  # target voxels, LPS geometry
     segments: list[tuple[str, str, tuple]]  # (reference segment id, name, (r, g, b)) transferred
     value_of: dict[str, int]  # segment name -> label value in ``labels``
+    target_name: str = ""  # the target node's name, read here so that the computation reads no node
 
 
 @dataclasses.dataclass
@@ -144,7 +145,7 @@ def prepare_transfer(
         reference_segmentation_node=reference_segmentation_node, target_volume_node=target_volume_node,
         output_segmentation_node=output_segmentation_node, reference=image_from_volume_node(reference_volume_node),
         labels=labels, target=image_from_volume_node(target_volume_node), segments=chosen,
-        value_of={name: value_of[name] for _, name, _ in chosen})
+        value_of={name: value_of[name] for _, name, _ in chosen}, target_name=target_volume_node.GetName() or "")
 
 
 def compute_transfer(segmenter, plan: TransferPlan, *, progress: Callable[[float], None] | None = None,
@@ -185,8 +186,9 @@ def compute_transfer(segmenter, plan: TransferPlan, *, progress: Callable[[float
         raise InputError(f"none of the segments {list(counts)} was found in {plan.target.name!r}; "
                          "check that both volumes show the same anatomy")
     keep = list(plan.value_of.values())
+    target_name = plan.target_name or plan.target.name  # never a node: this runs in the worker process
     labels = result.with_array(np.where(np.isin(result.array, keep), result.array, 0).astype(np.int32),
-                               name=f"{plan.target_volume_node.GetName()} segmentation")
+                               name=f"{target_name} segmentation")
     report(1.0)
     return TransferResult(labels, counts)
 

@@ -6,12 +6,17 @@ encoder (``AnatSSLLib.tools.segmentation.CrossModalitySegmenter``). Segments of 
 filled in place (name and colour kept), new ones take the reference name and colour, the user's other
 segments are untouched, and one Undo reverts the whole Apply.
 
-Apply runs in three steps (``AnatSSLBridge.segmentation``, Qt-free and tested on slicer-core):
-the inputs are checked and read here (``prepare_transfer``), the segmentation is computed in a
-worker thread (``compute_transfer``, via ``AnatSSLBridge.jobs.TaskRunner``) while a progress bar
-and Cancel show in the options panel, and the result is written back on the main thread with one
-undo state (``write_transfer``), unless the run was cancelled, the scene closed, the segmentation
-or the source volume was removed, or the editor switched to another segmentation meanwhile.
+Apply first offers to install missing Python packages (the module's own check), then runs in three
+steps (``AnatSSLBridge.segmentation``, Qt-free and tested on slicer-core): the inputs are checked
+and read here (``prepare_transfer``), the segmentation is computed in the AnatSSL tool worker
+process (``compute_transfer`` there, via ``AnatSSLLogic.startTransfer``) while a progress bar and
+Cancel show in the options panel, and the result is written back on the main thread with one undo
+state (``write_transfer``), unless the run was cancelled, the scene closed, the segmentation or the
+source volume was removed, or the editor switched to another segmentation meanwhile.
+
+The effect uses the module's logic (``AnatSSLLogic.shared()``): one worker process, so encoders
+and embeddings are loaded once for the module and the effect, and the cache folder chosen in the
+module applies here too.
 """
 
 from __future__ import annotations
@@ -27,23 +32,12 @@ REFERENCE_VOLUME = "AnatSSL.ReferenceVolume"
 REFERENCE_SEGMENTATION = "AnatSSL.ReferenceSegmentation"
 TITLE = "Transferring the segmentation"
 
-_LOGIC = None
-
 
 def _logic():
-    """One AnatSSL logic for the effect (keeps the embeddings between Applies)."""
-    global _LOGIC
-    if _LOGIC is None:
-        import AnatSSL
-
-        _LOGIC = AnatSSL.AnatSSLLogic()
-    return _LOGIC
-
-
-def _jobs():
+    """The AnatSSL module's logic: the same instance (and worker process) as the module widget."""
     import AnatSSL
 
-    return AnatSSL._bridge_module("jobs")
+    return AnatSSL.AnatSSLLogic.shared()
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -54,7 +48,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = False
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self._runner = None  # AnatSSLBridge.jobs.TaskRunner: one Apply at a time
+        self._request = None  # the running Apply's request to the worker process (one at a time)
         self._plan = None  # the running Apply's TransferPlan (its nodes are watched while it runs)
         self._timer = None
 
@@ -76,7 +70,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def helpText(self):
         return ("<html>Transfer a segmentation from another volume of the same patient or anatomy (for example "
                 "from the T1 to this T2 or CT).<p>Choose the reference volume and its segmentation, then Apply. "
-                "It runs in the background (Slicer stays usable; Cancel stops it). Segments with the same name are "
+                "It runs in a background process (Slicer stays usable; Cancel stops it). Segments with the same name are "
                 "filled in (name and colour kept); your other segments are not changed; Undo reverts the whole "
                 "transfer.</html>")
 
@@ -121,7 +115,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(form)
 
         self._timer = qt.QTimer()
-        self._timer.setInterval(200)
+        self._timer.setInterval(100)
         self._timer.connect("timeout()", self.onTimer)
 
         self.referenceVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateMRMLFromGUI)
@@ -133,7 +127,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         pass  # node references start empty
 
     def busy(self) -> bool:
-        return self._runner is not None and self._runner.busy
+        return self._request is not None
 
     def updateGUIFromMRML(self):
         node = self.scriptedEffect.parameterSetNode()
@@ -167,7 +161,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             node.SetNodeReferenceID(role, current.GetID() if current else None)
         self.updateGUIFromMRML()
 
-    # ---- Apply: prepare here, compute in a thread, write here with one undo state --------------------
+    # ---- Apply: prepare here, compute in the worker process, write here with one undo state ---------
     def onApply(self):
         import AnatSSL
 
@@ -177,28 +171,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         node = self.scriptedEffect.parameterSetNode()
         if node is None:
             return
+        logic = _logic()
+        if logic.busy():
+            self.statusLabel.text = "AnatSSL is busy with another request (see its module): wait or cancel it there."
+            return
+        self.applyButton.enabled = False  # the install below processes events: no second Apply meanwhile
+        try:
+            ready = logic.ensureDependencies(status=self._setStatus)
+        finally:
+            self.updateGUIFromMRML()
+        if not ready:
+            return
         segmentationNode = node.GetSegmentationNode()
         target = node.GetSourceVolumeNode()
         reference = self.referenceVolumeSelector.currentNode()
         referenceSegmentation = self.referenceSegmentationSelector.currentNode()
-        logic = _logic()
-        encoderId = logic.getParameterNode().encoderId
+        state = logic.getParameterNode()
+        encoderId, contrast = state.encoderId, state.contrast or "auto"
         device = AnatSSL.deviceSetting()
         try:
             with slicer.util.WaitCursor():
                 plan = logic.prepareTransfer(reference, referenceSegmentation, target, segmentationNode,
                                              encoderId=encoderId, device=device)
-        except Exception as exc:
-            self._showError(exc)
-            return
-
-        def work(progress, cancelled):
-            return logic.computeTransfer(plan, encoderId, device, progress=progress, cancelled=cancelled)
-
-        if self._runner is None:
-            self._runner = _jobs().TaskRunner()
-        try:
-            self._runner.start(TITLE, work, self._onFinished)
+                self._request = logic.startTransfer(plan, encoderId, device, contrast=contrast,
+                                                    finished=self._onFinished)
         except Exception as exc:
             self._showError(exc)
             return
@@ -209,22 +205,26 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._timer.start()
         self.updateGUIFromMRML()
 
+    def _setStatus(self, text):
+        self.statusLabel.text = text
+
     def onCancel(self):
         if self.busy():
-            self._runner.cancel("cancelled")
+            _logic().cancel("cancelled")
             self.statusLabel.text = "Cancelling: the segmentation will not be changed..."
 
     def onTimer(self):
         if not self.busy():
             self._stopped()
             return
-        self.progressBar.value = int(100 * self._runner.fraction)
+        logic = _logic()
+        self.progressBar.value = int(100 * logic.fraction())
         plan = self._plan
         if plan is not None and any(n is not None and n.GetScene() is None
                                     for n in (plan.target_volume_node, plan.output_segmentation_node)):
-            self._runner.cancel("the scene was closed, or the segmentation or source volume was removed")
+            logic.cancel("the scene was closed, or the segmentation or source volume was removed")
         try:
-            self._runner.poll()
+            logic.poll()  # calls self._onFinished on this (the main) thread when the worker has answered
         except Exception as exc:  # writing failed: shown, never a traceback for a user error
             self._showError(exc)
         if not self.busy():
@@ -239,14 +239,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _onFinished(self, result, error):
         """Main thread: write the result with one undo state, or report why not."""
-        plan, self._plan = self._plan, None
-        if isinstance(error, _jobs().TaskCancelled):
+        import AnatSSL
+
+        plan, self._plan, self._request = self._plan, None, None
+        if isinstance(error, AnatSSL._bridge_module("jobs").TaskCancelled):
             self.statusLabel.text = f"Not applied: {error}."
             return
         if error is not None:
             self._showError(error)
             return
-        (_, transfer), note = result
+        transfer, note = result
         node = self.scriptedEffect.parameterSetNode()
         editorSegmentation = node.GetSegmentationNode() if node is not None else None
         _, counts = _logic().writeTransfer(plan, transfer, saveUndoState=self.scriptedEffect.saveStateForUndo,
@@ -268,12 +270,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         else:
             logging.exception("AnatSSL cross-modality segmentation failed", exc_info=error)
             slicer.util.errorDisplay(f"AnatSSL cross-modality segmentation failed:\n{message}",
-                                     detailedText=_traceback(error))
+                                     detailedText=getattr(error, "traceback_text", "") or _traceback(error))
 
     def cleanup(self):
         """Called when the effect is destroyed: stop watching; a running transfer writes nothing."""
-        if self._runner is not None:
-            self._runner.cancel("the Segment Editor was closed")
+        if self.busy():
+            _logic().cancel("the Segment Editor was closed")
         if self._timer is not None:
             self._timer.stop()
 

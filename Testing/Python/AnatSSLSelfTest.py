@@ -56,7 +56,9 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_search_table()
         self.setUp()
-        self.test_segmentation_transfer_in_a_thread_like_the_effect()
+        self.test_segmentation_transfer_steps_like_the_effect()
+        self.setUp()
+        self.test_tools_run_in_a_worker_process()
         self.setUp()
         self.test_whole_volume_search_and_jump()
         self.setUp()
@@ -67,7 +69,7 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
     def _logic():
         import AnatSSL
 
-        return AnatSSL.AnatSSLLogic()
+        return AnatSSL.AnatSSLLogic.shared()  # the module widget's and the effect's logic
 
     @staticmethod
     def _oblique_image(array):
@@ -265,9 +267,8 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(ras, [-1.0, -2.0, 3.0])
         self.delayDisplay("Search results table passed")
 
-    def test_segmentation_transfer_in_a_thread_like_the_effect(self):
-        self.delayDisplay("Segmentation transfer as the effect runs it: prepare, thread, write with one undo state")
-        from AnatSSLBridge.jobs import TaskRunner
+    def test_segmentation_transfer_steps_like_the_effect(self):
+        self.delayDisplay("Segmentation transfer as the effect runs it: prepare, compute, write with one undo state")
         from AnatSSLBridge.segmentation import compute_transfer, prepare_transfer, write_transfer
         from AnatSSLLib.errors import InputError
 
@@ -275,16 +276,7 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         with self.assertRaises(InputError):  # the reference is the source volume
             prepare_transfer(slicer.mrmlScene, t2, reference, t2, output)
         plan = prepare_transfer(slicer.mrmlScene, t1, reference, t2, output)
-        runner, delivered = TaskRunner(), []
-        runner.start("Transferring", lambda progress, cancelled: compute_transfer(_ResampleSegmenter(), plan),
-                     lambda result, error: delivered.append((result, error)))
-        with self.assertRaises(InputError):  # Apply pressed twice
-            runner.start("Transferring", lambda progress, cancelled: None)
-        while runner.busy:  # what the effect's QTimer does
-            slicer.app.processEvents()
-            runner.poll()
-        result, error = delivered[0]
-        self.assertIsNone(error)
+        result = compute_transfer(_ResampleSegmenter(), plan)  # in the module: the worker process's step
         saved = []
         write_transfer(plan, result, save_undo_state=lambda: saved.append(editor.SaveStateForUndo()),
                        editor_segmentation_node=output)
@@ -296,7 +288,31 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.RemoveNode(output)  # removed during a run: refused, nothing written
         with self.assertRaises(InputError):
             write_transfer(plan, result)
-        self.delayDisplay("Segmentation transfer in a thread passed")
+        self.delayDisplay("Segmentation transfer steps passed")
+
+    def test_tools_run_in_a_worker_process(self):
+        """The tools' process is started with Slicer's Python and imports neither slicer nor Qt; the
+        module widget and the Segment Editor effect share it (one logic)."""
+        self.delayDisplay("Tool worker process")
+        import time
+
+        import AnatSSL
+
+        logic = self._logic()
+        self.assertIs(logic, AnatSSL.AnatSSLLogic.shared())
+        answer = logic.toolWorker().call("ping", {}, timeout=120)
+        self.assertNotEqual(answer["pid"], os.getpid())
+        self.assertFalse(any(answer["modules"].values()), answer["modules"])
+        worker = logic.toolWorker()  # Cancel is answered within a second, even inside one long call
+        worker.submit("sleep", {"seconds": 30}, "Sleeping", lambda result, error: None)
+        time.sleep(0.3)
+        began = time.monotonic()
+        worker.cancel("cancelled")
+        while worker.busy:  # what the module's QTimer does
+            slicer.app.processEvents()
+            worker.poll()
+        self.assertLess(time.monotonic() - began, 1.0)
+        self.delayDisplay("Tool worker process passed")
 
     def test_whole_volume_search_and_jump(self):
         self.delayDisplay("Whole-volume search, and a result row shown in the slice views")
@@ -307,11 +323,10 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         array = self._blobs()
         query = logic.volumeFromImage(Image(array, (2.0, 2.0, 2.0), (0, 0, 0), np.eye(3), "query"), "query")
         moved = logic.volumeFromImage(Image(array, (2.0, 2.0, 2.0), (6.0, -9.0, 3.0), np.eye(3), "moved"), "moved")
-        search = logic.embeddingSearch(encoderId, "cpu")
-        logic.addToIndex(search, [("query", logic.imageFromVolume(query)), ("moved", logic.imageFromVolume(moved))])
-        hits = logic.runQuery(search, logic.volumeQuery(query, search), k=5)
+        added = logic.indexLoadedVolumes(encoderId=encoderId, device="cpu")
+        self.assertEqual(sorted(added), ["moved", "query"])
+        hits, _, table = logic.search("volume", query, k=5, encoderId=encoderId, device="cpu")
         self.assertEqual([h.volume for h in hits], ["moved"])
-        table = logic.showHits(hits)
         volume, ras, whole = logic.jumpToHit(table, 0)
         self.assertIs(volume, moved)
         self.assertTrue(whole)
@@ -319,9 +334,9 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         self.assertEqual(composite.GetBackgroundVolumeID(), moved.GetID())
         point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query point")
         point.AddControlPoint([-40.0, -44.0, 40.0], "P")
-        hits = logic.runQuery(search, logic.pointQuery(query, point, search), k=5)
+        hits, _, table = logic.search("point", query, pointsNode=point, k=5, encoderId=encoderId, device="cpu")
         self.assertEqual([h.volume for h in hits], ["moved"])
-        volume, ras, whole = logic.jumpToHit(logic.showHits(hits), 0)
+        volume, ras, whole = logic.jumpToHit(table, 0)
         self.assertFalse(whole)
         red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         np.testing.assert_allclose([red.GetSliceToRAS().GetElement(r, 3) for r in range(3)], ras, atol=1e-3)
@@ -353,14 +368,14 @@ class AnatSSLSelfTest(ScriptedLoadableModuleTest):
         markups = logic.markupsFromPoints(template.landmarks, "AFIDs")
         truth = lps_to_ras(subject.landmarks().positions)
         # bounds of Testing/test_default_encoder.py (per subject): 3.0 mm within T1, 4.5 mm T1 -> T2
-        for target, matchContrast, bound in ((t1, False, 3.0), (t2, True, 4.5)):
-            (result,) = logic.propagateLandmarks(reference, markups, [target], device="cpu", matchContrast=matchContrast)
+        for target, contrast, bound in ((t1, "auto", 3.0), (t2, "match", 4.5)):
+            (result,) = logic.propagateLandmarks(reference, markups, [target], device="cpu", contrast=contrast)
             found = slicer.util.arrayFromMarkupsControlPoints(result.markups_node, world=True)
             error = float(np.linalg.norm(found - truth, axis=1).mean())
             self.assertLessEqual(error, bound, (target.GetName(), error))
         names = {k: v for k, v in template.label_names.items() if k}
         segmentation = logic.segmentationFromLabelmap(template.labels, reference, names=names, closedSurface=False)
-        output, _ = logic.transferSegmentation(reference, segmentation, t2, device="cpu")
+        output, _ = logic.transferSegmentation(reference, segmentation, t2, device="cpu", contrast="match")
         labels, byValue = logic.labelmapFromSegmentation(output, t2)
         value = {n: v for v, n in byValue.items()}
         actual = np.asarray(subject.labels().array)
