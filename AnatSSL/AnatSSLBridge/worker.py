@@ -121,10 +121,8 @@ class WorkerState:
         contrast = str(args.get("contrast") or "auto")
         key = (args.get("cache_dir") or "", args.get("encoder") or "", device, contrast)
         if key not in self.propagators:
-            from AnatSSLLib.tools.landmarks import LandmarkLocator
-
             self.propagators[key] = LandmarkPropagator(self.store(args, device, whiten=True),
-                                                       **contrast_options(LandmarkLocator, contrast))
+                                                       **contrast_options(contrast))
         propagator = self.propagators[key]
         propagator.low_confidence = float(args.get("low_confidence", 0.5))
         return propagator
@@ -136,7 +134,7 @@ class WorkerState:
         key = (args.get("cache_dir") or "", args.get("encoder") or "", device, contrast)
         if key not in self.segmenters:
             self.segmenters[key] = CrossModalitySegmenter(self.store(args, device, whiten=True),
-                                                          **contrast_options(CrossModalitySegmenter, contrast))
+                                                          **contrast_options(contrast))
         return self.segmenters[key]
 
     def search(self, args: dict, device: str):
@@ -162,32 +160,14 @@ class WorkerState:
                 "entries": int(len(self.index))}
 
 
-def contrast_options(tool_class, contrast: str) -> dict:
-    """Keyword arguments for a tool's constructor from the user's contrast choice.
+def contrast_options(contrast: str) -> dict:
+    """Keyword arguments for a tool's constructor from the user's contrast choice: ``"auto"``
+    passes nothing (the tool's default decides per target), ``"same"`` / ``"match"`` go in as
+    ``contrast=``."""
+    from AnatSSLLib.contrast import check_contrast_choice
 
-    ``"auto"`` passes nothing (the tool's default decides). ``"same"`` / ``"match"`` go in as
-    ``contrast=`` when the tool takes that argument; an older tool that only has
-    ``match_contrast`` gets ``match_contrast`` (and the registration start it was measured with).
-    """
-    import dataclasses
-    import inspect
-
-    contrast = str(contrast or "auto")
-    if contrast == "auto":
-        return {}
-    if contrast not in ("same", "match"):
-        from AnatSSLLib.errors import InputError
-
-        raise InputError(f"contrast: expected auto, same or match, got {contrast!r}")
-    if dataclasses.is_dataclass(tool_class):
-        names = {f.name for f in dataclasses.fields(tool_class)}
-    else:
-        names = set(inspect.signature(tool_class).parameters)
-    if "contrast" in names:
-        return {"contrast": contrast}
-    if contrast == "match":
-        return {"match_contrast": True, "initial_alignment": "registration"}
-    return {"match_contrast": False}
+    contrast = check_contrast_choice(str(contrast or "auto"))
+    return {} if contrast == "auto" else {"contrast": contrast}
 
 
 # ---- the ops ------------------------------------------------------------------------------------
