@@ -667,6 +667,29 @@ def _peer_failure(wait_s: float = 0.0) -> str | None:
         time.sleep(0.1)
 
 
+def _wait_for_peers_failing(info: DistInfo, wait_s: float = 10.0) -> None:
+    """Give the other ranks up to ``wait_s`` to fail too before this one exits.
+
+    Bad input (more processes than volumes, a foreign run folder) fails on every rank alike, but
+    not at the same moment; torchrun stops the others as soon as the first one exits, and a rank
+    still importing would die without its line. Each failing rank counts itself in the store and
+    waits until all have (or the time is up: its error was its own). ``wait_s`` 0 only counts
+    (a crash of one rank, which the others then follow with a :class:`PeerFailure`).
+    """
+    store = _failure_store()
+    if store is None:
+        return
+    try:
+        key = _FAILURE_KEY + "/count"
+        deadline = time.monotonic() + wait_s
+        count = store.add(key, 1)
+        while count < info.world_size and time.monotonic() < deadline:
+            time.sleep(0.1)
+            count = store.add(key, 0)
+    except Exception:  # noqa: BLE001 - the store may be gone with the launcher
+        pass
+
+
 class PeerFailure(AnatSSLError):
     """Another process of a multi-process run failed; this one stops with that process's error."""
 
@@ -727,6 +750,7 @@ def distributed(device: str | torch.device = "auto") -> Iterator[DistInfo]:
             raise peer from exc
         if not isinstance(exc, PeerFailure):
             _announce_failure(info, exc)
+        _wait_for_peers_failing(info, wait_s=10.0 if isinstance(exc, AnatSSLError) else 0.0)
         raise
     finally:
         # Free DDP's reducer (it holds gloo/NCCL work) before its group goes, and let no rank
