@@ -24,7 +24,11 @@ Multi-process runs. Launched by ``torchrun`` (environment ``RANK``, ``WORLD_SIZE
 ``LOCAL_RANK``) with ``WORLD_SIZE > 1``, :func:`train` initialises ``torch.distributed`` (NCCL on
 CUDA, gloo on CPU) unless it is already initialised, wraps the model in
 ``DistributedDataParallel`` and splits the global batch evenly over the ranks. Only rank 0 writes
-checkpoints, progress events and the cache entry; the loss it reports is the mean over ranks.
+checkpoints, progress events and the cache entry; the loss it reports is the mean over ranks; the
+others wait for it in a collective with the group's timeout (:func:`dist_timeout_s`). A run of
+several stages (LD's PD then LD) wraps them in one :func:`distributed` block, so that the group is
+set up once. A rank that fails leaves its error in the launcher's store; the others, whose next
+collective fails, stop with that error (:class:`PeerFailure`) instead of waiting.
 A task's ``loss(model, batch)`` receives the DDP-wrapped model: it must run the forward pass
 through ``model(...)`` (DDP synchronises gradients through that call) and may reach the
 underlying network with :func:`unwrap_model`.
@@ -34,8 +38,21 @@ Checkpoints (``<checkpoint_dir>/checkpoint.pt``) are written atomically (tempora
 ``torch.load(weights_only=True)`` (no arbitrary unpickling): model, optimizer, AMP scaler, step,
 loss history, RNG states of every rank, the config and the task's manifest fields. The learning
 rate schedule is a pure function of the step (:func:`lr_factor`), so the step restores it. A run
-resumes only from a checkpoint of the same trajectory settings and task (else InputError); it may
-resume with another number of processes, since the data of a step do not depend on it.
+resumes only from a checkpoint of the same trajectory settings and task (else
+:class:`CheckpointMismatch`, an InputError that lists each setting that differs); it may resume
+with another number of processes, since the data of a step do not depend on it.
+
+Continuing a run. The step budget (``steps`` or ``epochs`` x ``steps_per_epoch``, and
+``warmup_steps``) is not part of what makes a checkpoint another run's: the same run asked for
+more steps continues from its last checkpoint (the ``start`` event says ``resumed`` and from
+which step), and one asked for fewer steps than its checkpoint has done is refused. The learning
+rate stays a function of the step and of the config of the call: with the ``constant`` and
+``step`` schedules and no warm-up change it does not depend on the budget, so a run continued
+from 20 to 30 steps trains exactly as one started with 30 (same loss curve); with ``cosine`` (or
+a warm-up that scales with the budget) the continued steps follow the longer run's curve from the
+step resumed at on, so the rate jumps up there to where the longer schedule is, and the run is not
+the same as one started with the longer budget. A task whose own schedules depend on the budget
+(Alice's teacher momentum and temperature) behaves the same way.
 """
 
 from __future__ import annotations
@@ -87,11 +104,22 @@ __all__ = [
     "checkpoint_path",
     "CHECKPOINT_NAME",
     "CHECKPOINT_FORMAT",
+    "CheckpointMismatch",
+    "DistInfo",
+    "PeerFailure",
+    "distributed",
+    "share_from_rank0",
+    "barrier",
+    "dist_timeout_s",
+    "verify_identity",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 _PROGRESS_MIN_INTERVAL_S = 5.0
+# A stop signal repeated within this many seconds is the same one delivered twice (Ctrl-C reaches a
+# torchrun worker from the terminal and from torchrun, which passes it on).
+_REPEAT_WINDOW_S = 1.0
 
 
 # ------------------------------------------------------------------------------------ the protocol
@@ -422,8 +450,11 @@ class CancelToken:
     def handle_signals(self, signals: tuple[int, ...] | None = None) -> Iterator[CancelToken]:
         """Within the block, SIGTERM and SIGINT (default) cancel the run instead of killing it.
 
-        A second signal of the same kind falls back to the previous handler. Only works in the
-        main thread (elsewhere the block runs without handlers).
+        A second signal of the same kind falls back to the previous handler; one that comes
+        within a second of the first counts as the same (Ctrl-C reaches a torchrun worker twice).
+        In a multi-process run where another rank already failed (torchrun then sends SIGTERM),
+        the signal raises :class:`PeerFailure` at once. Only works in the main thread (elsewhere
+        the block runs without handlers).
         """
         if signals is None:
             signals = (signal.SIGTERM, signal.SIGINT)
@@ -432,8 +463,21 @@ class CancelToken:
             return
         previous: dict[int, Any] = {}
 
+        first_at: dict[int, float] = {}
+
         def handler(signum: int, frame: Any) -> None:
-            if self._event.is_set():  # second signal: behave as before
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                # torchrun stops the other workers with SIGTERM when one failed: no checkpoint can
+                # be agreed on then, so stop at once with that worker's error
+                peer = _peer_failure()
+                if peer is not None:
+                    raise PeerFailure(f"stopped because {peer}")
+            now = time.monotonic()
+            if signum in first_at and now - first_at[signum] < _REPEAT_WINDOW_S:
+                return  # the same Ctrl-C, from the terminal and again from torchrun
+            if self._event.is_set():  # a second signal: behave as before
                 old = previous.get(signum)
                 signal.signal(signum, old if old is not None else signal.SIG_DFL)
                 if callable(old):
@@ -441,6 +485,7 @@ class CancelToken:
                 elif old in (signal.SIG_DFL, None):
                     os.kill(os.getpid(), signum)
                 return
+            first_at[signum] = now
             self.cancel(f"signal {signal.Signals(signum).name}")
 
         for s in signals:
@@ -540,40 +585,223 @@ def _build_optimizer(params: Any, config: TrainingConfig) -> torch.optim.Optimiz
 
 
 @dataclass
-class _Dist:
+class DistInfo:
+    """Where this process stands in a (possibly multi-process) run: see :func:`distributed`."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def active(self) -> bool:
+        """True in a run of several processes (torch.distributed initialised)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes checkpoints, progress and the cache entry."""
         return self.rank == 0
 
 
-def _setup_distributed(device_choice: str) -> tuple[_Dist, torch.device]:
+_Dist = DistInfo  # the name used inside this module before it was public
+_FAILURE_KEY = f"anatssl/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+DEFAULT_DIST_TIMEOUT_S = 900.0
+
+
+def dist_timeout_s() -> float:
+    """Seconds a rank waits for the others at a collective (barrier, all-reduce): ``$ANATSSL_DIST_TIMEOUT``
+    or 900. Ranks wait for rank 0 while it writes a checkpoint or the cache entry (seconds) and for the
+    slowest rank's step; a rank that fails tells the others at once (see :func:`distributed`)."""
+    raw = os.environ.get("ANATSSL_DIST_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else DEFAULT_DIST_TIMEOUT_S
+    except ValueError:
+        raise InputError(f"ANATSSL_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise InputError(f"ANATSSL_DIST_TIMEOUT must be positive, got {raw!r}")
+    return value
+
+
+def _failure_store() -> Any:
+    """The key-value store of the default process group (under torchrun: the launcher's, which
+    outlives the workers), or None."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - private API: without it ranks still fail, with a plainer message
+        return None
+
+
+def _announce_failure(info: DistInfo, exc: BaseException) -> None:
+    """Tell the other ranks that this one failed and why (first failure wins)."""
+    store = _failure_store()
+    if store is None:
+        return
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = f"process {info.rank} of {info.world_size} failed: {type(exc).__name__}" + (f": {text}" if text else "")
+    try:
+        store.compare_set(_FAILURE_KEY, "", message)
+    except Exception:  # noqa: BLE001 - the store may be gone with the launcher
+        pass
+
+
+def _peer_failure(wait_s: float = 0.0) -> str | None:
+    """The message a failed rank left in the store, if any, looking for up to ``wait_s`` seconds."""
+    store = _failure_store()
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if store.check([_FAILURE_KEY]):
+                value = store.get(_FAILURE_KEY).decode(errors="replace")
+                if value:
+                    return value
+        except Exception:  # noqa: BLE001 - the store may be gone with the launcher
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def _wait_for_peers_failing(info: DistInfo, wait_s: float = 10.0) -> None:
+    """Give the other ranks up to ``wait_s`` to fail too before this one exits.
+
+    Bad input (more processes than volumes, a foreign run folder) fails on every rank alike, but
+    not at the same moment; torchrun stops the others as soon as the first one exits, and a rank
+    still importing would die without its line. Each failing rank counts itself in the store and
+    waits until all have (or the time is up: its error was its own). ``wait_s`` 0 only counts
+    (a crash of one rank, which the others then follow with a :class:`PeerFailure`).
+    """
+    store = _failure_store()
+    if store is None:
+        return
+    try:
+        key = _FAILURE_KEY + "/count"
+        deadline = time.monotonic() + wait_s
+        count = store.add(key, 1)
+        while count < info.world_size and time.monotonic() < deadline:
+            time.sleep(0.1)
+            count = store.add(key, 0)
+    except Exception:  # noqa: BLE001 - the store may be gone with the launcher
+        pass
+
+
+class PeerFailure(AnatSSLError):
+    """Another process of a multi-process run failed; this one stops with that process's error."""
+
+
+def _as_peer_failure(exc: BaseException) -> PeerFailure | None:
+    """A :class:`PeerFailure` for ``exc`` when it is the echo of another rank's failure (a failed
+    collective, while a failure message waits in the store); None for this rank's own errors."""
+    if isinstance(exc, (AnatSSLError, KeyboardInterrupt)):
+        return None
+    peer = _peer_failure(wait_s=3.0)
+    return PeerFailure(f"stopped because {peer}") if peer is not None else None
+
+
+@contextmanager
+def distributed(device: str | torch.device = "auto") -> Iterator[DistInfo]:
+    """The process group of a run launched by ``torchrun``, set up once for the whole run.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` and ``RANK`` set) and with no group initialised yet, it
+    checks ``device`` (so that ``--device cuda`` without a GPU fails alike on every rank, before
+    any training), initialises ``torch.distributed`` (NCCL on CUDA, gloo on the CPU) with the
+    timeout :func:`dist_timeout_s`, and destroys the group when the block ends (after a barrier
+    when it ends well). Nested uses (:func:`train` inside a method's multi-stage run) reuse the
+    group: a process group is initialised once per run, because initialising a second one
+    through the same launcher store hangs (the LD stage after the PD stage did).
+
+    A rank whose block raises writes its error into the launcher's store before it exits; a rank
+    whose collective then fails (its peer is gone) raises :class:`PeerFailure` with that message,
+    so that every process ends with the error of the one that failed, within seconds.
+    Outside torchrun it yields a one-process :class:`DistInfo` and does nothing else.
+    """
     import torch.distributed as dist
 
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if dist.is_available() and dist.is_initialized():
-        info = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    elif env_world > 1 and "RANK" in os.environ:
-        if not dist.is_available():
-            raise AnatSSLError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        info = _Dist(int(os.environ["RANK"]), env_world, int(os.environ.get("LOCAL_RANK", "0")), True)
-    else:
-        return _Dist(), resolve_device(device_choice)
-    device = resolve_device(device_choice)
-    if device.type == "cuda":
+        info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        info.device = _rank_device(device, info)
+        yield info
+        return
+    if not (env_world > 1 and "RANK" in os.environ):
+        yield DistInfo(device=resolve_device(device))
+        return
+    if not dist.is_available():
+        raise AnatSSLError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    info = DistInfo(int(os.environ["RANK"]), env_world, int(os.environ.get("LOCAL_RANK", "0")), True)
+    info.device = _rank_device(device, info)
+    from datetime import timedelta
+
+    dist.init_process_group(
+        backend="nccl" if info.device.type == "cuda" else "gloo", timeout=timedelta(seconds=dist_timeout_s())
+    )
+    ok = False
+    try:
+        yield info
+        ok = True
+    except BaseException as exc:
+        peer = _as_peer_failure(exc)
+        if peer is not None:
+            raise peer from exc
+        if not isinstance(exc, PeerFailure):
+            _announce_failure(info, exc)
+        _wait_for_peers_failing(info, wait_s=10.0 if isinstance(exc, AnatSSLError) else 0.0)
+        raise
+    finally:
+        # Free DDP's reducer (it holds gloo/NCCL work) before its group goes, and let no rank
+        # tear the group down while another still talks to it.
+        gc.collect()
+        try:
+            if ok:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def _rank_device(choice: str | torch.device, info: DistInfo) -> torch.device:
+    device = resolve_device(choice)
+    if device.type == "cuda" and info.active:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
-    if info.owns_group:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return info, device
+    return device
+
+
+def share_from_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 alone, its result (or its error) handed to every rank.
+
+    For what only rank 0 should do or see, such as reading a checkpoint (no shared file system is
+    needed): an exception on rank 0 is raised on every rank, as an :class:`InputError` when it was
+    one. One process: just ``fn()``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list[Any] = [None, None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed on to every rank below
+            box[1], box[2] = type(exc).__name__, exc if isinstance(exc, InputError) else str(exc)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        if isinstance(box[2], InputError):
+            raise box[2]
+        raise AnatSSLError(f"rank 0 failed: {box[1]}: {box[2]}")
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a one-process run); the group's timeout applies."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -753,6 +981,7 @@ def train(
     cache: EncoderCache | None = None,
     name: str | None = None,
     description: str | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> TrainingResult:
     """Train ``task`` with ``config``; save the result into ``cache`` (if given) with its manifest.
 
@@ -767,13 +996,20 @@ def train(
         cancel: stop when this token is cancelled (checked after every step; all ranks agree).
         cache: where to save the trained encoder at the end (None: not saved).
         name, description: the cache entry's label and free text.
+        identity: what else makes this run the one a checkpoint belongs to, by the names the
+            caller's user knows (e.g. the settings of a command line, the data's fingerprint);
+            JSON-able values. Stored in the checkpoint and compared, before the config and the
+            task's manifest fields, when resuming. Leave the step budget out of it: a run resumed
+            with more steps continues (see "Continuing a run" in the module docstring).
 
     Returns:
         :class:`TrainingResult`.
 
     Raises:
-        InputError: a checkpoint in ``checkpoint_dir`` belongs to another config or task, or
-            ``batch_size`` does not split over the processes.
+        CheckpointMismatch: (an InputError) a checkpoint in ``checkpoint_dir`` belongs to another
+            run (other identity, config or task), or is past the ``total_steps`` asked for.
+        InputError: ``batch_size`` does not split over the processes.
+        PeerFailure: another process of a multi-process run failed (its error is the message).
         AnatSSLError: the loss became NaN or infinite.
     """
     if not isinstance(config, TrainingConfig):
@@ -783,27 +1019,25 @@ def train(
             raise InputError(f"train: task {type(task).__name__} lacks the method {method}()")
 
     t_start = time.perf_counter()
-    dist_info, device = _setup_distributed(config.device)
-    ok = False
+    main = True
     try:
-        result = _train(task, config, dist_info, device, progress, cancel, cache, name, description, t_start)
-        ok = True
-        return result
+        with distributed(config.device) as dist_info:
+            main = dist_info.is_main
+            return _train(task, config, dist_info, dist_info.device, progress, cancel, cache, name, description,
+                          t_start, identity)
     except BaseException as exc:
-        if progress is not None and dist_info.is_main and not getattr(exc, "_anatssl_reported", False):
+        if progress is not None and main and not getattr(exc, "_anatssl_reported", False):
             progress({"event": "error", "step": None, "total": config.total_steps, "loss": None, "lr": None,
                       "samples_per_s": None, "eta_s": None, "message": f"{type(exc).__name__}: {exc}"})
+            _mark(exc, "_anatssl_reported")
         raise
-    finally:
-        if dist_info.owns_group:
-            import torch.distributed as dist
 
-            # Free DDP's reducer (it holds gloo/NCCL work) before its group goes, and let no rank
-            # tear the group down while another still talks to it.
-            gc.collect()
-            if ok:
-                dist.barrier()
-            dist.destroy_process_group()
+
+def _mark(exc: BaseException, flag: str) -> None:
+    try:
+        setattr(exc, flag, True)
+    except AttributeError:  # pragma: no cover - exceptions with __slots__
+        pass
 
 
 def _train(
@@ -817,6 +1051,7 @@ def _train(
     name: str | None,
     description: str | None,
     t_start: float,
+    identity: Mapping[str, Any] | None,
 ) -> TrainingResult:
     import torch.distributed as dist
 
@@ -846,31 +1081,27 @@ def _train(
     # Resume.
     ckpt_file = checkpoint_path(config.checkpoint_dir) if config.checkpoint_dir else None
     task_fp = _task_fingerprint(task)
-    start_step, losses, resumed = 0, [], None
+    identity_json = json.dumps(dict(identity or {}), sort_keys=True, default=str)
+    start_step, losses, resumed, resumed_total = 0, [], None, None
     if ckpt_file is not None and config.resume:
-        ckpt, failure = None, None
-        if dd.is_main:
-            try:
-                _sweep_temp_files(ckpt_file.parent)
-                if ckpt_file.exists():
-                    ckpt = load_checkpoint(ckpt_file)
-                    _check_matches(ckpt, config, task_fp, ckpt_file)
-            except InputError as exc:
-                if not dd.active:
-                    raise
-                ckpt, failure = None, exc
-        if dd.active:  # rank 0 reads (no shared file system needed) and hands it to the others
-            box = [ckpt, None if failure is None else str(failure)]
-            dist.broadcast_object_list(box, src=0)
-            ckpt = box[0]
-            if box[1] is not None:
-                raise InputError(box[1])
+
+        def read() -> dict[str, Any] | None:
+            _sweep_temp_files(ckpt_file.parent)
+            if not ckpt_file.exists():
+                return None
+            found = load_checkpoint(ckpt_file)
+            _check_matches(found, config, task_fp, ckpt_file, identity_json)
+            return found
+
+        # rank 0 reads (no shared file system needed) and hands it, or its error, to the others
+        ckpt = share_from_rank0(read)
         if ckpt is not None:
             base_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if use_scaler and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             start_step = int(ckpt["step"])
+            resumed_total = int(ckpt.get("total", start_step))
             losses = [(int(s), float(v)) for s, v in ckpt["losses"]]
             rng = ckpt["rng"]
             if dd.rank < len(rng):  # rank r continues rank r's streams (rank 0 = one process)
@@ -921,6 +1152,7 @@ def _train(
                     "config": json.dumps(config.to_dict(), sort_keys=True),
                     "trajectory": json.dumps(config.trajectory_dict(), sort_keys=True),
                     "task": task_fp,
+                    "identity": identity_json,
                 },
                 ckpt_file,
             )
@@ -928,11 +1160,20 @@ def _train(
         last_ckpt = str(ckpt_file)
         return last_ckpt
 
+    start_info: dict[str, Any] = {"resumed": resumed is not None}
+    if resumed is not None:
+        more = f", now continued to {total}" if resumed_total is not None and total > resumed_total else ""
+        start_info["message"] = (
+            f"resumed from step {start_step} of {resumed} (a run of {resumed_total} steps{more})"
+            if start_step < total or more else f"the run in {resumed} is complete ({start_step} steps)"
+        )
+        if resumed_total is not None and total != resumed_total:
+            start_info["resumed_total"] = resumed_total
     emit(
         "start", step=start_step, total=total, loss=losses[-1][1] if losses else None,
         lr=config.lr * lr_factor(min(start_step, total - 1), config), samples_per_s=None, eta_s=None,
         world_size=dd.world_size, device=str(device), resumed_from=start_step,
-        checkpoint=resumed,
+        checkpoint=resumed, **start_info,
     )
 
     metrics: dict[str, float] = {}
@@ -1006,12 +1247,13 @@ def _train(
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                 save_checkpoint(step)
     except BaseException as exc:
+        peer = _as_peer_failure(exc) if dd.active else None
+        shown = peer if peer is not None else exc
         emit("error", step=step, total=total, loss=_json_float(losses[-1][1]) if losses else None, lr=lr,
-             samples_per_s=None, eta_s=None, message=f"{type(exc).__name__}: {exc}")
-        try:
-            exc._anatssl_reported = True  # type: ignore[attr-defined]
-        except AttributeError:  # pragma: no cover - exceptions with __slots__
-            pass
+             samples_per_s=None, eta_s=None, message=f"{type(shown).__name__}: {shown}")
+        _mark(shown, "_anatssl_reported")
+        if peer is not None:
+            raise peer from exc
         raise
     finally:
         batches.close()
@@ -1062,21 +1304,117 @@ def _cpu_rng(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_matches(ckpt: Mapping[str, Any], config: TrainingConfig, task_fp: str, path: Path) -> None:
-    mine = config.trajectory_dict()
-    theirs = json.loads(ckpt.get("trajectory", "{}"))
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+# What sets the budget of a run, not what it learns: a checkpoint of another budget continues.
+_BUDGET_FIELDS = frozenset({"total_steps", "warmup_steps"})
+# Manifest fields that are free text, not the task (the description names the step counts).
+_FREE_TEXT_FIELDS = frozenset({"description", "name"})
+
+
+class CheckpointMismatch(InputError):
+    """A checkpoint in the run's folder that this run may not continue.
+
+    Attributes:
+        path: the checkpoint file.
+        differences: ``(name, in the checkpoint, now)`` for each setting that differs; the names
+            are the identity's (as the caller gave them to :func:`train`), the config's fields,
+            or ``"manifest:<field>"`` for the task's manifest fields. A checkpoint past the steps
+            asked for differs in ``"steps"`` (its step, the total asked for).
+        budget: the names in ``differences`` that are step budgets (``("steps",)``; a caller that
+            renames them passes the new names).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], differences: list[tuple[str, Any, Any]], budget: tuple[str, ...] = ("steps",)
+    ) -> None:
+        self.path = Path(path)
+        self.differences = [tuple(d) for d in differences]
+        self.budget = tuple(budget)
+        super().__init__(self.describe())
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (torch.distributed hands it to every rank)
+        return (type(self), (str(self.path), self.differences, self.budget))
+
+    def describe(self, names: Mapping[str, str] | None = None, restart: str = "resume=False") -> str:
+        """The message, with each setting shown by ``names[name]`` (e.g. a command-line option)
+        and ``restart`` as the way to start over."""
+        names = names or {}
+        parts = []
+        for key, theirs, mine in self.differences:
+            label = names.get(key, key)
+            if key in self.budget:
+                parts.append(f"{label}: the run there is at step {theirs} already, {mine} asked now")
+            else:
+                parts.append(f"{label}: checkpoint {_short(theirs)} vs now {_short(mine)}")
+        return (
+            f"checkpoint {self.path} was written by a run with other settings ({'; '.join(parts)}); "
+            f"run with the same settings to continue it, use another checkpoint folder, or {restart} to start over"
+        )
+
+
+def verify_identity(
+    path: str | os.PathLike[str], identity: Mapping[str, Any], total_steps: int | None = None
+) -> None:
+    """Raise :class:`CheckpointMismatch` if the checkpoint at ``path`` (when there is one) is past
+    ``total_steps`` or records another ``identity`` (as given to :func:`train`).
+
+    For a run of several stages that must refuse a later stage's checkpoint before it trains an
+    earlier one (LD's LD stage started from a PD stage of another length).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    ckpt = load_checkpoint(path)
+    if total_steps is not None and int(ckpt.get("step", 0)) > total_steps:
+        raise CheckpointMismatch(path, [("steps", int(ckpt["step"]), int(total_steps))])
+    if "identity" not in ckpt:
+        return
+    mine = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
+    diff = _diff(json.loads(ckpt["identity"] or "{}"), mine)
     if diff:
-        shown = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
-        raise InputError(
-            f"checkpoint {path} was written by a run with other settings ({shown}); use another "
-            f"checkpoint_dir, or resume=False to start over"
-        )
-    if ckpt.get("task") != task_fp:
-        raise InputError(
-            f"checkpoint {path} was written for another task or data set (its manifest fields "
-            f"differ); use another checkpoint_dir, or resume=False to start over"
-        )
+        raise CheckpointMismatch(path, diff)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _diff(theirs: Mapping[str, Any], mine: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    return [(prefix + k, theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
+            if mine.get(k) != theirs.get(k)]
+
+
+def _check_matches(
+    ckpt: Mapping[str, Any], config: TrainingConfig, task_fp: str, path: Path, identity_json: str = "{}"
+) -> None:
+    """Raise :class:`CheckpointMismatch` unless ``config`` may continue the run of ``ckpt``.
+
+    Compared, in this order, each stage stopping at its first differences: the step (not past
+    ``config.total_steps``), the caller's identity (when the checkpoint has one), the config's
+    trajectory fields and the task's manifest fields, both without the step budget
+    (:data:`_BUDGET_FIELDS`) and free text (:data:`_FREE_TEXT_FIELDS`).
+    """
+    step = int(ckpt.get("step", 0))
+    if step > config.total_steps:
+        raise CheckpointMismatch(path, [("steps", step, config.total_steps)])
+    if "identity" in ckpt:
+        diff = _diff(json.loads(ckpt["identity"] or "{}"), json.loads(identity_json))
+        if diff:
+            raise CheckpointMismatch(path, diff)
+    mine = {k: v for k, v in config.trajectory_dict().items() if k not in _BUDGET_FIELDS}
+    theirs = {k: v for k, v in json.loads(ckpt.get("trajectory", "{}")).items() if k not in _BUDGET_FIELDS}
+    diff = _diff(theirs, mine)
+    if diff:
+        raise CheckpointMismatch(path, diff)
+    try:
+        theirs_task = json.loads(ckpt.get("task") or "{}")
+    except (TypeError, ValueError):
+        theirs_task = {"?": ckpt.get("task")}
+    mine_task = json.loads(task_fp)
+    drop = lambda d: {k: v for k, v in d.items() if k not in _FREE_TEXT_FIELDS}  # noqa: E731
+    diff = _diff(drop(theirs_task), drop(mine_task), "manifest:")
+    if diff:
+        raise CheckpointMismatch(path, diff)
 
 
 def _save_to_cache(

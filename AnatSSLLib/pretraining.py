@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import InputError
 
-__all__ = ["LDPretrainSettings", "pretrain_ld", "default_run_dir"]
+__all__ = ["LDPretrainSettings", "pretrain_ld", "default_run_dir", "check_processes"]
 
 
 def default_run_dir() -> Path:
@@ -125,9 +125,30 @@ class LDPretrainSettings:
         if not 0.0 <= self.dense_contrast <= 100.0:
             raise InputError(f"dense_contrast (--dense-contrast) is a weight in [0, 100], got {self.dense_contrast}")
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that make a run this run: all but the step counts (a run asked for more
+        steps continues), the device and the checkpoint interval."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+
     def key(self, data_fingerprint: str) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "device": None, "data": data_fingerprint}, sort_keys=True, default=list)
+        """Short hash of :meth:`identity` and the data: the default run folder's name."""
+        blob = json.dumps({**self.identity(), "data": data_fingerprint}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Settings that do not make another run: the budget (continued with more steps) and where it runs.
+_NOT_IDENTITY = frozenset({"pd_steps", "ld_steps", "device", "checkpoint_every"})
+
+
+def check_processes(count: int, what: str) -> None:
+    """Refuse a multi-process launch with more processes than ``count`` training ``what`` (e.g.
+    volumes): every rank raises the same one-line InputError before any training."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > count:
+        raise InputError(
+            f"{world} processes (torchrun --nproc_per_node x nodes) but only {count} {what} to train on; "
+            f"launch at most {count} processes"
+        )
 
 
 def _augment(settings: LDPretrainSettings) -> dict[str, Any]:
@@ -170,6 +191,7 @@ def pretrain_ld(
     run_dir: str | os.PathLike | None = None,
     progress: Callable[[dict], None] | None = None,
     cancel=None,
+    restart: bool = False,
 ):
     """Pretrain a 3D LD encoder on ``subjects`` and save it into ``cache``.
 
@@ -178,22 +200,57 @@ def pretrain_ld(
         settings: :class:`LDPretrainSettings`.
         cache: :class:`~AnatSSLLib.cache.EncoderCache` (default: the user cache).
         name: label of the cache entry.
-        run_dir: checkpoint folder (default: ``default_run_dir()/ld-<key>``).
+        run_dir: checkpoint folder (default: ``default_run_dir()/ld-<key>``; the key leaves out
+            the step counts, so the same settings with more steps continue the same run).
         progress, cancel: as for :func:`AnatSSLLib.engine.train`; the events carry ``"stage"``.
+        restart: discard the run folder's checkpoints (both stages) and start over.
+
+    Continuing: run again with the same settings after a kill or a cancel, or with more
+    ``pd_steps`` / ``ld_steps``, and each stage continues from its checkpoint (the "step" learning
+    rate schedule does not depend on the step count: a run continued from 20 to 30 LD steps is the
+    run started with 30). The LD stage starts from the PD stage's result, so once it has begun,
+    another ``pd_steps`` is refused (:class:`~AnatSSLLib.engine.CheckpointMismatch` naming
+    ``pd_steps``) before anything trains; so is any other setting that differs, and a step count
+    below what a stage has done.
+
+    Under ``torchrun`` both stages run in one process group; rank 0 alone reads the PD result and
+    hands it to the others.
 
     Returns:
         The :class:`~AnatSSLLib.engine.TrainingResult` of the last stage (``encoder_id`` set when
         it finished), with ``metrics["pd_seconds"]`` added.
+
+    Raises:
+        CheckpointMismatch: the run folder holds a run with other settings (its ``differences``
+            use the names of :class:`LDPretrainSettings`, plus ``data``).
+        InputError: bad settings, or more processes than subjects.
     """
+    from .engine import distributed
+
+    settings = settings or LDPretrainSettings()
+    with distributed(settings.device):
+        return _pretrain_ld(subjects, settings, cache, name, run_dir, progress, cancel, restart)
+
+
+def _stage_mismatch(exc, stage: str):
+    """The engine's mismatch with its "steps" named as this stage's step count (pd_steps, ld_steps)."""
+    from .engine import CheckpointMismatch
+
+    return CheckpointMismatch(exc.path, [(f"{stage}_steps" if k == "steps" else k, a, b) for k, a, b in exc.differences],
+                              budget=(f"{stage}_steps",))
+
+
+def _pretrain_ld(subjects, settings, cache, name, run_dir, progress, cancel, restart):
     from .cache import EncoderCache
     from .datasets import VolumeCrops
     from .encoders import DEFAULT_INTENSITY
-    from .engine import TrainingConfig, checkpoint_path, load_checkpoint, train
+    from .engine import (CheckpointMismatch, TrainingConfig, barrier, checkpoint_path, load_checkpoint,
+                         share_from_rank0, train, verify_identity)
     from .methods.ld import LDTask
 
-    settings = settings or LDPretrainSettings()
     if settings.pd_steps < 0 or settings.ld_steps < 1:
         raise InputError(f"LD pretraining needs pd_steps >= 0 and ld_steps >= 1, got {settings.pd_steps} and {settings.ld_steps}")
+    check_processes(len(subjects), "subjects")
     spacing = (settings.spacing_mm,) * 3
     if settings.cross_subject_neighbours:
         from .data.cross_subject import cross_subject_views
@@ -246,18 +303,42 @@ def pretrain_ld(
             return None
         return lambda event: progress({**event, "stage": stage})
 
+    base_identity = {**settings.identity(), "data": data.data_fingerprint}
+    identity = {
+        "pd": {**base_identity, "stage": "pd"},
+        # the LD stage starts from the PD stage's result: its length is part of the LD run
+        "ld": {**base_identity, "stage": "ld", "pd_steps": settings.pd_steps},
+    }
+
+    def stage_train(stage: str, steps: int, task, **kwargs):
+        try:
+            return train(task, config(steps, stage), progress=tagged(stage), cancel=cancel,
+                         identity=identity[stage], **kwargs)
+        except CheckpointMismatch as exc:
+            raise _stage_mismatch(exc, stage) from None
+
+    if restart:
+        def discard() -> None:
+            for stage in ("pd", "ld"):
+                checkpoint_path(run / stage).unlink(missing_ok=True)
+        share_from_rank0(discard)
+        barrier()
+    elif settings.pd_steps:  # refuse an LD checkpoint of another run before the PD stage trains
+        try:
+            share_from_rank0(lambda: verify_identity(checkpoint_path(run / "ld"), identity["ld"], settings.ld_steps))
+        except CheckpointMismatch as exc:
+            raise _stage_mismatch(exc, "ld") from None
+
     cache = cache if cache is not None else EncoderCache()
     pd_seconds = 0.0
     init = _initial_weights(settings, cache) if settings.init_encoder else None
     if settings.pd_steps:
-        pd = train(LDTask(stage="pd", init_state=init, **common), config(settings.pd_steps, "pd"), progress=tagged("pd"), cancel=cancel)
+        pd = stage_train("pd", settings.pd_steps, LDTask(stage="pd", init_state=init, **common))
         pd_seconds = pd.seconds
         if pd.cancelled:
             return pd
-        init = load_checkpoint(checkpoint_path(run / "pd"))["model"]
-    result = train(
-        LDTask(stage="ld", init_state=init, **common), config(settings.ld_steps, "ld"),
-        progress=tagged("ld"), cancel=cancel, cache=cache, name=name,
-    )
+        # rank 0 reads the PD result and hands it on (no shared file system needed)
+        init = share_from_rank0(lambda: load_checkpoint(checkpoint_path(run / "pd"))["model"])
+    result = stage_train("ld", settings.ld_steps, LDTask(stage="ld", init_state=init, **common), cache=cache, name=name)
     result.metrics["pd_seconds"] = pd_seconds
     return result

@@ -132,6 +132,20 @@ class DenoiseTask:
         return {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
 
 
+class FailingTask(DenoiseTask):
+    """:class:`DenoiseTask` whose loss raises on one rank at one step (a rank that fails mid-run)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        super().__init__()
+        self.fail_rank, self.fail_step, self.calls = rank, step, 0
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        self.calls += 1
+        if self.calls == self.fail_step and int(os.environ.get("RANK", "0")) == self.fail_rank:
+            raise ValueError(f"planted failure on rank {self.fail_rank} at step {self.fail_step}")
+        return super().loss(model, batch)
+
+
 def small_config(**overrides: Any) -> TrainingConfig:
     """The test config: Adam 3e-3, batch 4, constant lr, seed 7."""
     kwargs: dict[str, Any] = dict(steps=20, batch_size=4, lr=3e-3, seed=7, log_every=1,
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cancel-at", type=int, help="cancel (on rank 0 only) after this step")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep per progress event")
     p.add_argument("--out", help="write the result (rank 0) as JSON here")
+    p.add_argument("--fail-at", metavar="RANK:STEP", help="raise an error on this rank in the loss of this 1-based step")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.sleep)
 
     task = DenoiseTask()
+    if args.fail_at:
+        task = FailingTask(*map(int, args.fail_at.split(":")))
     if args.signals:
         with token.handle_signals():
             result = train(task, config, progress=progress, cancel=token)

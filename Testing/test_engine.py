@@ -3,7 +3,8 @@
 Covers: config checks and schedules; the loss decreasing; exact determinism; checkpoints that
 load with ``torch.load(weights_only=True)``; resume after a cancel from a thread and after a real
 SIGKILL of a subprocess (same loss curve as an uninterrupted run, 1e-6); cancel through a file
-touched by another process and through SIGTERM; JSON-lines progress; saving into the encoder cache.
+touched by another process and through SIGTERM; JSON-lines progress; saving into the encoder cache;
+continuing a finished run with more steps, and refusing a checkpoint of other settings by name.
 The two-process torchrun test is in ``test_engine_ddp.py``.
 """
 
@@ -25,6 +26,7 @@ import torch
 
 from AnatSSLLib.engine import (
     CancelToken,
+    CheckpointMismatch,
     TrainingConfig,
     batch_shard,
     checkpoint_path,
@@ -32,6 +34,7 @@ from AnatSSLLib.engine import (
     lr_factor,
     step_generator,
     train,
+    verify_identity,
 )
 from AnatSSLLib.errors import AnatSSLError, InputError
 from AnatSSLLib.progress import (
@@ -212,6 +215,46 @@ def test_checkpoint_of_other_settings_is_refused(task, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a readable torch checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_more_steps_continue_the_run_and_fewer_are_refused(task, reference, tmp_path):
+    """The step budget is not part of a run's identity: asked for more steps, a finished run
+    continues from its checkpoint and (constant schedule) trains exactly as one started with the
+    larger budget; asked for fewer steps than it has done, it is refused by name."""
+    half = REF_STEPS // 2
+    train(task, small_config(steps=half, checkpoint_dir=tmp_path))
+    events = []
+    longer = train(task, small_config(steps=REF_STEPS, checkpoint_dir=tmp_path), progress=events.append)
+    assert longer.resumed_from == half and longer.steps_done == REF_STEPS
+    assert_same_curve(longer.losses, reference)
+    start = events[0]
+    assert start["event"] == "start" and start["resumed"] and start["resumed_total"] == half
+    assert f"resumed from step {half}" in start["message"] and f"continued to {REF_STEPS}" in start["message"]
+    with pytest.raises(CheckpointMismatch, match=f"steps: the run there is at step {REF_STEPS} already, {half} asked") as err:
+        train(task, small_config(steps=half, checkpoint_dir=tmp_path))
+    assert err.value.differences == [("steps", REF_STEPS, half)]
+
+
+def test_identity_is_checked_by_name_and_pickles(task, tmp_path):
+    import pickle
+
+    train(task, small_config(steps=2, checkpoint_dir=tmp_path), identity={"crop": 32, "data": "abc"})
+    with pytest.raises(CheckpointMismatch) as err:
+        train(task, small_config(steps=4, checkpoint_dir=tmp_path), identity={"crop": 48, "data": "abc"})
+    assert err.value.differences == [("crop", 32, 48)]
+    assert "--crop: checkpoint 32 vs now 48" in err.value.describe({"crop": "--crop"}, restart="add --restart")
+    assert "add --restart to start over" in err.value.describe({}, restart="add --restart")
+    again = pickle.loads(pickle.dumps(err.value))  # torch.distributed hands it to every rank
+    assert isinstance(again, CheckpointMismatch) and again.differences == err.value.differences
+    verify_identity(checkpoint_path(tmp_path), {"crop": 32, "data": "abc"})
+    with pytest.raises(CheckpointMismatch, match="data: checkpoint 'abc' vs now 'xyz'"):
+        verify_identity(checkpoint_path(tmp_path), {"crop": 32, "data": "xyz"})
+    # the description (free text naming step counts) is not part of the task
+    described = DenoiseTask.__new__(DenoiseTask)
+    described.__dict__.update(task.__dict__)
+    described.manifest_fields = lambda: {**task.manifest_fields(), "description": "4 steps"}
+    done = train(described, small_config(steps=4, checkpoint_dir=tmp_path), identity={"crop": 32, "data": "abc"})
+    assert done.resumed_from == 2 and done.steps_done == 4
 
 
 def _spawn(*args: str) -> subprocess.Popen:

@@ -3,7 +3,8 @@
 The helper task (denoising real T1w patches, no BatchNorm) makes the batch of every step from
 (seed, step) and each rank keeps its half, so DistributedDataParallel's averaged gradient equals
 the one-process gradient and the loss curves agree to float round-off. A second torchrun run is
-cancelled on rank 0 alone (both ranks stop together) and resumed by one process.
+cancelled on rank 0 alone (both ranks stop together) and resumed by one process. A third has
+one rank fail mid-run: both stop at once with its error.
 """
 
 from __future__ import annotations
@@ -95,3 +96,20 @@ def test_cancel_on_rank0_stops_both_ranks_and_one_process_resumes(tmp_path, one_
     assert resumed.resumed_from == 5 and resumed.steps_done == STEPS
     assert [s for s, _ in resumed.losses] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([v for _, v in resumed.losses], [v for _, v in single.losses], rtol=1e-3)
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path, one_thread):
+    """Rank 1 raises in its loss at step 3 while rank 0 waits for its gradients: rank 0 stops
+    within seconds with rank 1's error (from the launcher's store), without torchrun's SIGKILL."""
+    import time
+
+    t0 = time.monotonic()
+    run = torchrun("--steps", str(STEPS), "--batch-size", "4", "--fail-at", "1:3")
+    elapsed = time.monotonic() - t0
+    assert run.returncode != 0
+    assert "ValueError: planted failure on rank 1 at step 3" in run.stderr
+    assert "PeerFailure: stopped because process 1 of 2 failed: ValueError: planted failure" in run.stderr
+    errors = [line for line in run.stdout.splitlines() if '"event":"error"' in line]
+    assert len(errors) == 1 and "planted failure on rank 1" in errors[0]  # rank 0 reports it once
+    assert "forcefully exiting via 9" not in run.stderr
+    assert elapsed < 60, elapsed

@@ -7,6 +7,7 @@ several GPUs or nodes, launch it with ``torchrun --nproc_per_node=N -m AnatSSLLi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -114,6 +115,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--progress", choices=("tqdm", "jsonl", "none"), default="tqdm",
                    help="progress display: a bar, JSON lines on stdout (for the Slicer module), or none")
     p.add_argument("--cancel-file", help="stop (with a checkpoint) when this file appears")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the run folder's checkpoints and start over (default: continue the run there, "
+                        "also with more steps; other settings are refused)")
     add_cache_option(p)
     p.set_defaults(run=run)
     return p
@@ -141,17 +145,22 @@ def _run_awcl(args: argparse.Namespace, progress, token) -> object:
     from ..engine import TrainingConfig, train
     from ..methods.awcl import AWCLTask
     from ..methods.awcl_data import read_tagged_images
-    from ..pretraining import default_run_dir
+    from ..pretraining import check_processes, default_run_dir
 
     if not args.images:
         raise InputError("AWCL pretraining needs --images CSV (a tagged 2D image list)")
     data = read_tagged_images(args.images, size=(args.size, args.size), with_labels=False)
+    check_processes(len(data), "images")
     task = AWCLTask(data, ratio=args.ratio, granularity=args.granularity, backbone=args.backbone)
     batch = args.batch_size if args.batch_size != 2 else 32  # 2 is LD's pair default
     run_dir = args.run_dir or str(default_run_dir() / f"awcl-{data.fingerprint()[:12]}-r{args.ratio:g}-{args.granularity}-s{args.seed}")
     config = TrainingConfig(steps=args.steps, batch_size=batch, lr=args.lr, weight_decay=1e-6, optimizer="adam",
-                            seed=args.seed, checkpoint_every=100, checkpoint_dir=run_dir, device=args.device)
-    return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
+                            seed=args.seed, checkpoint_every=100, checkpoint_dir=run_dir, device=args.device,
+                            resume=not args.restart)
+    identity = {"method": "awcl", "data": data.fingerprint(), "ratio": args.ratio, "granularity": args.granularity,
+                "backbone": args.backbone, "size": args.size, "batch_size": batch, "lr": args.lr, "seed": args.seed}
+    return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name,
+                 identity=identity)
 
 
 def _run_alice(args: argparse.Namespace, progress, token) -> object:
@@ -163,7 +172,7 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
     from ..encoders import DEFAULT_INTENSITY
     from ..engine import TrainingConfig, train
     from ..methods.alice import AliceTask, reference_optimisation
-    from ..pretraining import default_run_dir
+    from ..pretraining import check_processes, default_run_dir
 
     if args.images:
         raise InputError("Alice pretraining takes volumes (--data or --population), not --images")
@@ -172,6 +181,7 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
     spacing = (args.spacing,) * 3
     data = VolumeCrops(_subjects(args), spacing=spacing, crop_size=args.crop, intensity=DEFAULT_INTENSITY)
     volumes = [arr[0] for arr in data.subjects]  # first contrast of each subject
+    check_processes(len(volumes), "volumes")
     matcher = None
     if args.views == "mined":
         from ..encoders import load_encoder
@@ -191,16 +201,50 @@ def _run_alice(args: argparse.Namespace, progress, token) -> object:
                      matcher=matcher, body_threshold=0.1, use_cafa=not args.no_cafa, use_generative=not args.no_generative, manifest=manifest)
     variant = ("-mined" if matcher is not None else "") + ("-nocafa" if args.no_cafa else "") + ("-nogen" if args.no_generative else "")
     # "-cos": runs with the reference recipe below get their own folder; the engine refuses to resume a
-    # checkpoint of the earlier constant-lr runs (other settings), which would otherwise stop the run
+    # checkpoint of the earlier constant-lr runs (other settings), which would otherwise stop the run.
+    # No step count in the name: the same command with more --steps continues the run (the cosine
+    # schedule, warm-up and teacher schedules then follow the longer run from the step resumed at).
     run_dir = args.run_dir or str(
-        default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-n{args.steps}-s{args.seed}{variant}-cos")
+        default_run_dir() / f"alice-{data.data_fingerprint[-12:]}-c{args.crop}-s{args.seed}{variant}-cos")
     config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=50,
-                            checkpoint_dir=run_dir, device=args.device, **reference_optimisation(args.steps))  # fmt: skip
-    return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name)
+                            checkpoint_dir=run_dir, device=args.device, resume=not args.restart,
+                            **reference_optimisation(args.steps))  # fmt: skip
+    identity = {"method": "alice", "data": data.data_fingerprint, "contrasts": args.contrasts, "crop": args.crop,
+                "spacing": args.spacing, "views": args.views, "matcher": None if matcher is None else matcher.encoder_id,
+                "no_cafa": args.no_cafa, "no_generative": args.no_generative, "batch_size": args.batch_size,
+                "lr": args.lr, "seed": args.seed}
+    return train(task, config, progress=progress, cancel=token, cache=cache_from_args(args), name=args.name,
+                 identity=identity)
+
+
+# LDPretrainSettings fields (and the identity keys of AWCL and Alice) -> the options that set them
+_LD_OPTIONS = {
+    "batch_size": "--batch-size", "crop_size": "--crop", "spacing_mm": "--spacing", "num_clusters": "--clusters",
+    "paired_contrasts": "--no-paired-contrasts", "view_warp_vox": "--view-warp", "view_turn_deg": "--view-turn",
+    "view_flip": "--no-view-flip", "padding_mode": "--padding", "cross_subject_neighbours": "--cross-subject",
+    "bias_field_std": "--bias-field", "init_encoder": "--init", "no_cafa": "--no-cafa",
+    "no_generative": "--no-generative", "embedding_dim": "embedding_dim (no option)",
+    "features": "features (no option)", "stage": "stage", "method": "--method",
+}
+
+
+def _option_names(args: argparse.Namespace) -> dict[str, str]:
+    """Names of the settings in a checkpoint mismatch, as the options of this command."""
+    from ..pretraining import LDPretrainSettings
+
+    data = "--images" if args.images else "--population" if args.population else "--data"
+    names = {"data": f"{data} (the training data differ)", "pd_steps": "--pd-steps", "ld_steps": "--ld-steps",
+             "steps": "--steps" if args.method != "ld" else "steps"}
+    fields = [f.name for f in dataclasses.fields(LDPretrainSettings)] + ["ratio", "granularity", "backbone", "size",
+                                                                          "contrasts", "crop", "views", "matcher"]
+    for name in fields:
+        names.setdefault(name, _LD_OPTIONS.get(name, "--" + name.replace("_", "-")))
+    names.update({k: v for k, v in _LD_OPTIONS.items() if k not in names})
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import CancelToken
+    from ..engine import CancelToken, CheckpointMismatch, distributed
     from ..pretraining import LDPretrainSettings, pretrain_ld
     from ..progress import make_progress
 
@@ -234,16 +278,22 @@ def run(args: argparse.Namespace) -> int:
                          "options are LD options; "
                          "use them with --method ld")
     token = CancelToken(args.cancel_file)
-    with token.handle_signals():
-        if args.method == "awcl":
-            result = _run_awcl(args, progress, token)
-        elif args.method == "alice":
-            result = _run_alice(args, progress, token)
-        else:
-            if args.images:
-                raise InputError("LD pretraining takes volumes (--data or --population), not --images")
-            result = pretrain_ld(_subjects(args), settings, cache=cache_from_args(args), name=args.name,
-                                 run_dir=args.run_dir, progress=progress, cancel=token)
+    # One process group for the whole run (LD's two stages); a bad --device fails here on every rank.
+    with distributed(args.device) as dist_info, token.handle_signals():
+        try:
+            if args.method == "awcl":
+                result = _run_awcl(args, progress, token)
+            elif args.method == "alice":
+                result = _run_alice(args, progress, token)
+            else:
+                if args.images:
+                    raise InputError("LD pretraining takes volumes (--data or --population), not --images")
+                result = pretrain_ld(_subjects(args), settings, cache=cache_from_args(args), name=args.name,
+                                     run_dir=args.run_dir, progress=progress, cancel=token, restart=args.restart)
+        except CheckpointMismatch as exc:
+            raise InputError(exc.describe(_option_names(args), restart="add --restart")) from None
+    if not dist_info.is_main:  # rank 0 prints the summary
+        return 3 if result.cancelled else 0
     summary = {
         "encoder_id": result.encoder_id, "cancelled": result.cancelled, "steps": result.steps_done,
         "final_loss": result.final_loss, "seconds": round(result.seconds + result.metrics.get("pd_seconds", 0.0), 1),

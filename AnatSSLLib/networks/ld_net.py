@@ -152,6 +152,11 @@ class LDNet(nn.Module):
         for module in self.modules():  # MONAI's blocks take no padding mode: set it on every convolution
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 module.padding_mode = padding_mode
+                if padding_mode == "zeros" and isinstance(module, nn.Conv3d) and any(module.padding):
+                    # Same zeros, padded by F.pad before an unpadded convolution: bit-identical output,
+                    # and on the CPU (oneDNN) the padded 3D convolution's backward is much slower
+                    # (benchmarks/bench_step_cost.py: LD's step 6.7 -> 5.1 s at 1 thread)
+                    module.padding_mode = "constant"
 
     def config(self) -> dict:
         """Constructor arguments (JSON-able), for the encoder-cache manifest."""
