@@ -58,7 +58,7 @@ def _dice(a, b):
     return float(2 * (a & b).sum() / den) if den else float("nan")
 
 
-def landmark_stability(template, subjects, contrasts, draws, noise, stages: bool):
+def landmark_stability(template, subjects, contrasts, draws, noise, stages: bool, on_row=None):
     from AnatSSLLib.tools.landmarks import LandmarkLocator
 
     locator = LandmarkLocator.for_encoder(None, contrast="auto")
@@ -78,10 +78,10 @@ def landmark_stability(template, subjects, contrasts, draws, noise, stages: bool
                    "mean_error_mm": float(np.linalg.norm(clean.positions - truth, axis=1).mean())}
             if stages:
                 row["stages"] = _stages(locator, template.t1, target, clean)
-            for rel in noise:
+            for rel, n_draws in zip(noise, draws):
                 errors, moves = [row["mean_error_mm"]], []
                 modes = set()
-                for d in range(draws):
+                for d in range(n_draws):
                     (found,) = locator.locate(template.t1, template.landmarks, [_noisy(target, rel, 1000 + d)])
                     modes.add(locator.last_decisions[0].mode)
                     errors.append(float(np.linalg.norm(found.positions - truth, axis=1).mean()))
@@ -95,6 +95,8 @@ def landmark_stability(template, subjects, contrasts, draws, noise, stages: bool
                 }
             print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -131,9 +133,9 @@ def segmentation_stability(template, subjects, contrasts, draws, noise):
             dice = lambda lab: float(np.nanmean([_dice(lab == k, truth == k) for k in TISSUE]))  # noqa: E731
             row = {"subject": s.name, "contrast": contrast, "decision": segmenter.last_decisions[0].describe(),
                    "tissue_dice": dice(clean)}
-            for rel in noise:
+            for rel, n_draws in zip(noise, draws):
                 dices, changed = [row["tissue_dice"]], []
-                for d in range(draws):
+                for d in range(n_draws):
                     lab = np.asarray(segmenter.segment(template.t1, template.labels, _noisy(target, rel, 2000 + d)).array)
                     dices.append(dice(lab))
                     changed.append(float((lab != clean).mean()))
@@ -203,32 +205,44 @@ def main(argv=None) -> int:
     p.add_argument("--population", required=True)
     p.add_argument("--contrasts", default="t1,t2")
     p.add_argument("--segment-contrasts", default="t2", help="contrasts of the segmentation targets ('' for none)")
-    p.add_argument("--draws", type=int, default=10)
-    p.add_argument("--segment-draws", type=int, default=None, help="draws for the segmentation tool (default --draws)")
+    p.add_argument("--draws", default="10", help="noise draws per target, one for all noise levels or one per level")
+    p.add_argument("--segment-draws", default=None, help="draws for the segmentation tool (default --draws)")
+    p.add_argument("--subjects", type=int, default=None, help="first N subjects only")
     p.add_argument("--noise", default="1e-4,1e-3")
     p.add_argument("--threads", action="store_true", help="also compare the CLI's outputs with 1 and 2 threads")
     p.add_argument("--stages", action="store_true", help="record per-stage fingerprints of each clean target")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     noise = [float(v) for v in args.noise.split(",") if v]
+
+    def per_level(text):
+        counts = [int(v) for v in str(text).split(",")]
+        return counts * len(noise) if len(counts) == 1 else counts
+
+    draws = per_level(args.draws)
+    segment_draws = per_level(args.segment_draws or args.draws)
     population = load_population(args.population)
+    subjects = population.subjects[: args.subjects] if args.subjects else population.subjects
     template = load_template(2.0)
     report = _header("stability", None)
     report["population"] = {"path": str(args.population), "subjects": [s.name for s in population.subjects]}
-    report["settings"] = {"draws": args.draws, "noise": noise, "contrasts": args.contrasts}
+    report["settings"] = {"draws": draws, "segment_draws": segment_draws, "noise": noise, "contrasts": args.contrasts}
     report["code_paths"] = {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     contrasts = [c for c in args.contrasts.split(",") if c]
-    report["landmarks"] = landmark_stability(template, population.subjects, contrasts, args.draws, noise, args.stages)
+    def partial(rows):
+        report["landmarks"] = rows
+        write_report(report, args.out)
+
+    report["landmarks"] = landmark_stability(template, subjects, contrasts, draws, noise, args.stages, partial)
     report["summary"] = {"landmarks": _summary(report["landmarks"], noise, "spread_mm", "largest_move_mm")}
     write_report(report, args.out)
     seg = [c for c in args.segment_contrasts.split(",") if c]
     if seg:
-        report["segmentation"] = segmentation_stability(template, population.subjects, seg,
-                                                        args.segment_draws or args.draws, noise)
+        report["segmentation"] = segmentation_stability(template, subjects, seg, segment_draws, noise)
         report["summary"]["segmentation"] = _summary(report["segmentation"], noise, "spread")
         write_report(report, args.out)
     if args.threads:
-        report["threads"] = thread_identity(template, population.subjects, contrasts)
+        report["threads"] = thread_identity(template, subjects, contrasts)
         write_report(report, args.out)
     print(json.dumps(report["summary"], indent=1))
     return 0

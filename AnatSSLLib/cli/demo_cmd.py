@@ -57,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
     pop = load_population(pop_dir)
     encoder = encoder_from_args(args)
     print(f"encoder {encoder.encoder_id}: {encoder.manifest.name or encoder.method}")
-    if encoder.manifest.description:
-        print(f"  {encoder.manifest.description}")
 
     reference = pop.template.image("t1")
     points = pop.template.landmarks()
