@@ -6,7 +6,12 @@ import argparse
 
 from .cache_cmd import add_cache_option, cache_from_args
 
-__all__ = ["add_encoder_options", "encoder_from_args", "output_stem", "output_stems", "parse_point"]
+__all__ = ["COORDINATE_OPTIONS", "add_encoder_options", "encoder_from_args", "join_negative_values", "output_stem",
+           "output_stems", "parse_point"]
+
+#: Options whose value is a coordinate list such as ``-0.3,2.8,-4.9``: argparse would read a value
+#: that starts with a minus as another option, so :func:`join_negative_values` writes them ``--point=...``.
+COORDINATE_OPTIONS = ("--point",)
 
 
 def add_encoder_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -35,6 +40,28 @@ def parse_point(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected a point as X,Y,Z in mm, got {text!r}")
     return values
+
+
+def join_negative_values(argv: list[str], options=COORDINATE_OPTIONS) -> list[str]:
+    """``[..., "--point", "-0.3,2.8,-4.9", ...]`` -> ``[..., "--point=-0.3,2.8,-4.9", ...]``.
+
+    argparse takes a token starting with ``-`` for an option unless it looks like one negative
+    number, so a coordinate list with a negative first value would be refused ("expected one
+    argument"). Only a value that starts with a minus and a digit or a point is joined.
+    """
+    import re
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in options and i + 1 < len(argv) and re.match(r"^-[0-9.]", argv[i + 1]):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def output_stem(path: str) -> str:
