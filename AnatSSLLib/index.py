@@ -337,8 +337,9 @@ class EmbeddingIndex:
 
     # ---- canonical (position-aware) search ----------------------------------------------------
     def _cell_table(self):
-        """``(origin (3,), shape (3,), order (N,), start (n_cells + 1,))``: the entries sorted by the
-        cell of their canonical position (cells of ``cell_mm``); built once, saved with the index."""
+        """``(origin (3,), shape (3,), order (N,), start (n_cells + 1,), canonical in that order (N, 3))``:
+        the entries sorted by the cell of their canonical position (cells of ``cell_mm``); built
+        once, saved with the index."""
         if self._cells is None:
             can = self._canonical
             n = len(can)
@@ -359,13 +360,18 @@ class EmbeddingIndex:
                 ids[a : a + chunk] = np.ravel_multi_index(tuple(cell.T), tuple(shape))
             order = np.argsort(ids, kind="stable").astype(np.int32 if n < 2**31 else np.int64)
             counts = np.bincount(ids, minlength=int(np.prod(shape)))
+            del ids
             start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            self._cells = (origin.astype(np.float64), shape.astype(np.int64), order, start)
+            # the canonical positions in table order: a query's first filter reads contiguous runs
+            in_order = np.empty((n, 3), dtype=np.float16)
+            for a in range(0, n, chunk):
+                in_order[a : a + chunk] = can[np.asarray(order[a : a + chunk])]
+            self._cells = (origin.astype(np.float64), shape.astype(np.int64), order, start, in_order)
         return self._cells
 
     def canonical_candidates(self, canonical: np.ndarray, radius_mm: float) -> np.ndarray:
         """Ids of the entries whose canonical position lies within ``radius_mm`` of ``canonical`` (3,)."""
-        origin, shape, order, start = self._cell_table()
+        origin, shape, order, start, in_order = self._cell_table()
         c = np.asarray(canonical, dtype=np.float64).reshape(3)
         reach = radius_mm + self.cell_mm * np.sqrt(3) / 2
         lo = np.clip(np.floor((c - reach - origin) / self.cell_mm).astype(np.int64), 0, shape - 1)
@@ -385,10 +391,11 @@ class EmbeddingIndex:
         a, b = a[nonempty], b[nonempty]
         lengths = b - a
         offsets = np.repeat(a - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        ids = np.asarray(order[np.arange(lengths.sum()) + offsets], dtype=np.int64)
+        at = np.arange(lengths.sum()) + offsets  # positions in table order: contiguous runs
+        d2 = ((np.asarray(in_order[at], dtype=np.float32) - c.astype(np.float32)) ** 2).sum(axis=1)
+        ids = np.asarray(order[at[d2 <= radius_mm**2]], dtype=np.int64)
         ids.sort()  # reading the memory-mapped arrays in file order
-        d = np.linalg.norm(np.asarray(self._canonical[ids], dtype=np.float32) - c.astype(np.float32), axis=1)
-        return ids[d <= radius_mm]
+        return ids
 
     def search_canonical(
         self,
@@ -532,9 +539,10 @@ class EmbeddingIndex:
             np.save(tmp / "volume_vectors.npy", self._volume_vectors.astype(np.float32))
             if self.has_canonical:
                 self._reload(tmp)  # the table is computed on the memory-mapped arrays just written
-                origin, shape, order, start = self._cell_table()
+                origin, shape, order, start, in_order = self._cell_table()
                 np.save(tmp / "cell_order.npy", order)
                 np.save(tmp / "cell_start.npy", start)
+                np.save(tmp / "cell_canonical.npy", in_order)
                 header["cell_origin"] = origin.tolist()
                 header["cell_shape"] = shape.tolist()
             if self.reference is not None:
@@ -625,7 +633,8 @@ class EmbeddingIndex:
                         raise ValueError("canonical positions are missing")
                     index._cells = (np.asarray(header["cell_origin"], float), np.asarray(header["cell_shape"], np.int64),
                                     np.load(gen / "cell_order.npy", mmap_mode="r", allow_pickle=False),
-                                    np.load(gen / "cell_start.npy", allow_pickle=False))
+                                    np.load(gen / "cell_start.npy", allow_pickle=False),
+                                    np.load(gen / "cell_canonical.npy", mmap_mode="r", allow_pickle=False))
                 if (gen / "reference.npz").exists():
                     from .image import Image
 
