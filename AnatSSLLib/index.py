@@ -440,21 +440,33 @@ class EmbeddingIndex:
         sim = np.asarray(self._vectors[ids], dtype=np.float32) @ q
         d2 = ((can - c) ** 2).sum(axis=1)
         score = sim - d2 / (2.0 * position_sigma_mm**2)
-        order = np.argsort(-score, kind="stable")
+        # group the candidates by volume: entries are stored volume after volume, so ids sorted
+        # in file order are already grouped (checked; else sorted)
+        if len(vol) > 1 and np.any(np.diff(vol) < 0):
+            by = np.argsort(vol, kind="stable")
+            ids, vol, sim, d2, score = ids[by], vol[by], sim[by], d2[by], score[by]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(vol)) + 1])
+        ends = np.concatenate([starts[1:], [len(vol)]])
         if one_per_volume:
-            _, first = np.unique(vol[order], return_index=True)
-            order = order[np.sort(first)]
-        order = order[:k]
+            # the best entry of each volume: its segment's maximum, the first entry reaching it
+            best = np.maximum.reduceat(score, starts)
+            segment = np.repeat(np.arange(len(starts)), ends - starts)
+            first = np.flatnonzero(score == best[segment])
+            first = first[np.concatenate([[True], segment[first][1:] != segment[first][:-1]])]
+            top = np.argsort(-best, kind="stable")[:k]
+            order = first[top]
+        else:
+            kk = min(k, len(score))
+            part = np.argpartition(-score, kk - 1)[:kk]
+            order = part[np.argsort(-score[part], kind="stable")]
         lattice = float(lattice_mm if lattice_mm is not None else self.settings.get("grid_mm", 4.0))
         hits = []
-        if local_step and len(order):
-            by_volume = np.argsort(vol, kind="stable")
-            bounds = np.searchsorted(vol[by_volume], [vol[order], vol[order] + 1])
-        for rank, j in enumerate(order):
+        for j in order:
             entry = np.asarray(self._positions[ids[j]], dtype=np.float64)
             position = entry
             if local_step:
-                members = by_volume[bounds[0][rank] : bounds[1][rank]]
+                seg = int(np.searchsorted(starts, j, side="right") - 1)
+                members = np.arange(starts[seg], ends[seg])
                 pos = np.asarray(self._positions[ids[members]], dtype=np.float64)
                 near = np.linalg.norm(pos - entry, axis=1) <= 1.01 * lattice * np.sqrt(3)
                 position = _quadratic_peak(pos[near] - entry, score[members[near]], lattice) + entry
