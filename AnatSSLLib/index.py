@@ -123,7 +123,7 @@ class EmbeddingIndex:
         hnsw_m: int = 32,
         ef_search: int = 96,
         settings: dict | None = None,
-        cell_mm: float = 8.0,
+        cell_mm: float = 4.0,
         max_pending_mb: float = 512.0,
     ) -> None:
         if kind not in ("auto", "exact", "hnsw"):
@@ -406,7 +406,7 @@ class EmbeddingIndex:
         one_per_volume: bool = True,
         exclude_volumes: Sequence[str] = (),
         position_sigma_mm: float = 6.0,
-        radius_mm: float = 12.0,
+        radius_mm: float = 8.0,
         local_step: bool = True,
         lattice_mm: float | None = None,
     ) -> list[SearchHit]:
@@ -437,7 +437,9 @@ class EmbeddingIndex:
             if len(ids) == 0:
                 return []
         can = np.asarray(self._canonical[ids], dtype=np.float32)
-        sim = np.asarray(self._vectors[ids], dtype=np.float32) @ q
+        # einsum, not BLAS: a threaded matrix-vector product of this size costs more in thread start-up
+        # than in arithmetic (measured 15 ms against 1 on a loaded 2-core machine)
+        sim = np.einsum("ij,j->i", np.asarray(self._vectors[ids], dtype=np.float32), q)
         d2 = ((can - c) ** 2).sum(axis=1)
         score = sim - d2 / (2.0 * position_sigma_mm**2)
         # group the candidates by volume: entries are stored volume after volume, so ids sorted

@@ -199,7 +199,7 @@ def test_canonical_search_radius_exclusion_and_bad_input():
     assert index.search_canonical(base, np.array([500.0, 0, 0])) == []  # outside every volume
     assert {h.volume for h in index.search_canonical(base, np.zeros(3), exclude_volumes=["vol1"])} == {"vol0", "vol2"}
     hits = index.search_canonical(base, np.zeros(3), k=5, one_per_volume=False)
-    assert len(hits) == 5 and all(h.canonical_distance_mm <= 12.0 for h in hits)
+    assert len(hits) == 5 and all(h.canonical_distance_mm <= 8.0 for h in hits)
     with pytest.raises(InputError, match="canonical position"):
         index.add_volume(IndexedVolume("x", "", "", 0), np.ones((2, 8)), np.zeros((2, 3)))
     plain, _ = _filled()

@@ -33,8 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                 "vector alone); matching each volume to the reference takes seconds")
             q.add_argument("--position-sigma-mm", type=float, default=6.0,
                            help="width of the ranking's Gaussian position term (mm, default 6)")
-            q.add_argument("--radius-mm", type=float, default=12.0,
-                           help="a point query ranks the entries whose canonical position is this close to its own (mm, default 12)")
+            q.add_argument("--radius-mm", type=float, default=8.0,
+                           help="a point query ranks the entries whose canonical position is this close to its own (mm, default 8)")
             q.add_argument("--kind", choices=("auto", "exact", "hnsw"), default="auto",
                            help="exact search, HNSW, or auto: exact below --threshold entries (default auto)")
             q.add_argument("--threshold", type=int, default=200_000, help="entries above which auto switches to HNSW")

@@ -94,7 +94,7 @@ class EmbeddingSearch:
         sigma_mm: float = 4.0,
         canonical: str = "dense",
         position_sigma_mm: float = 6.0,
-        radius_mm: float = 12.0,
+        radius_mm: float = 8.0,
         local_step: bool = True,
     ) -> None:
         if canonical not in CANONICAL_MODES:
