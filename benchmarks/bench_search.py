@@ -72,10 +72,12 @@ def _write(report: dict, path: Path) -> None:
     print(f"wrote {path}", flush=True)
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """This process's memory from /proc (MiB): VmRSS (resident, file pages of the memory-mapped index
+    included), RssAnon (its own memory), RssFile (mapped file pages: shared page cache), VmHWM (peak)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -310,7 +312,8 @@ def _latency_child(args) -> None:
            "warm_query_k10_index_only_ms": {"median": 1e3 * float(np.median(lat_idx)), "p90": 1e3 * float(np.percentile(lat_idx, 90))},
            "warm_query_best_in_every_volume_ms": {"median": 1e3 * float(np.median(lat_all)), "answers": len(hits)},
            "rss_mb": {"before_open": rss0, "after_open": rss_open, "after_queries": _rss_mb(),
-                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}}
+                      "after_queries_anonymous": _rss_mb("RssAnon"), "after_queries_file_pages": _rss_mb("RssFile"),
+                      "peak_VmHWM": _rss_mb("VmHWM")}}
     print("LATENCY " + json.dumps(out), flush=True)
 
 
@@ -350,6 +353,7 @@ def scale(args) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"CLI failed: {proc.stderr}")
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # (ru_maxrss of children is not reset by exec on Linux: it may report the builder's own peak)
         timings[what] = {"seconds": took, "answers": len(json.loads(proc.stdout)), "peak_rss_mb_children_so_far": max(before, peak) / 1024.0}
     timings["per_point_seconds_in_batch"] = (timings["32_points"]["seconds"] - timings["one_point"]["seconds"]) / 31.0
     report = _header(args, "scale")
