@@ -84,7 +84,7 @@ def test_save_open_round_trip_add_and_remove(tmp_path):
 
 
 def test_interrupted_save_keeps_the_previous_index(tmp_path, monkeypatch):
-    import faiss
+    from AnatSSLLib import index as index_module
 
     index, data = _filled()
     index.save(tmp_path / "idx")
@@ -94,7 +94,7 @@ def test_interrupted_save_keeps_the_previous_index(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(faiss, "write_index", boom)
+    monkeypatch.setattr(index_module, "_digest", boom)  # fails after the arrays are written
     with pytest.raises(OSError):
         index.save(tmp_path / "idx")
     monkeypatch.undo()
@@ -134,10 +134,10 @@ def test_bad_input(tmp_path):
 def test_corrupted_files_give_a_clear_error(tmp_path):
     index, _ = _filled()
     gen = index.save(tmp_path / "idx")
-    (gen / "regions.npz").write_bytes(b"garbage")
+    (gen / "vectors.npy").write_bytes(b"garbage")
     with pytest.raises(InputError, match="altered"):
         EmbeddingIndex.open(tmp_path / "idx")
-    other, _ = _filled()
+    other, _ = _filled(kind="hnsw")  # only HNSW graphs are saved (an exact index is rebuilt on first use)
     g = other.save(tmp_path / "idx3")
     faiss_file = g / "regions.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])
@@ -152,3 +152,71 @@ def test_corrupted_files_give_a_clear_error(tmp_path):
     g.joinpath("index.json").write_text("{not json")
     with pytest.raises(InputError, match="unreadable"):
         EmbeddingIndex.open(tmp_path / "idx2")
+
+
+# ---- canonical positions --------------------------------------------------------------------
+def _canonical_index(n_vol=3, seed=0):
+    """Volumes on a 4 mm lattice whose canonical positions are their positions shifted per volume;
+    every vector is the same but for one marked place (index 0) near the centre of each volume."""
+    rng = np.random.default_rng(seed)
+    axis = np.arange(-20.0, 21.0, 4.0)
+    lattice = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    index = EmbeddingIndex("ld-test", 8, settings={"grid_mm": 4.0})
+    index.set_reference(None, "ref")
+    shifts = {}
+    base = _unit(rng, 1, 8)[0]
+    for v in range(n_vol):
+        shift = rng.uniform(-10, 10, 3)
+        vec = np.tile(base, (len(lattice), 1)) + 0.01 * rng.standard_normal((len(lattice), 8))
+        index.add_volume(IndexedVolume(f"vol{v}", "", f"key{v}", 0), vec, lattice + shift, canonical=lattice)
+        shifts[f"vol{v}"] = shift
+    return index, base, shifts
+
+
+def test_canonical_search_ranks_by_position_and_steps_off_the_lattice(tmp_path):
+    index, base, shifts = _canonical_index()
+    query = np.array([1.3, -2.1, 0.7])  # canonical position between lattice points
+    for idx in (index, None):
+        if idx is None:  # the same after a save and open (memory-mapped arrays, saved spatial table)
+            index.save(tmp_path / "idx")
+            idx = EmbeddingIndex.open(tmp_path / "idx")
+            assert idx.has_canonical
+        coarse = idx.search_canonical(base, query, k=3, local_step=False)
+        fine = idx.search_canonical(base, query, k=3)
+        assert sorted(h.volume for h in fine) == ["vol0", "vol1", "vol2"]  # one per volume
+        for c, f in zip(coarse, fine):
+            truth = query + shifts[f.volume]
+            lattice_point = np.round(query / 4) * 4 + shifts[c.volume]
+            np.testing.assert_allclose(c.position, lattice_point, atol=0.01)  # the nearest entry
+            # the quadratic position term peaks at the query: the local step finds it off the lattice
+            assert np.linalg.norm(f.position - truth) < 0.3 < np.linalg.norm(c.position - truth)
+            assert f.canonical_distance_mm <= 4 * np.sqrt(3) / 2 + 1e-6
+        assert [h.score for h in fine] == sorted((h.score for h in fine), reverse=True)
+
+
+def test_canonical_search_radius_exclusion_and_bad_input():
+    index, base, _ = _canonical_index()
+    assert index.search_canonical(base, np.array([500.0, 0, 0])) == []  # outside every volume
+    assert {h.volume for h in index.search_canonical(base, np.zeros(3), exclude_volumes=["vol1"])} == {"vol0", "vol2"}
+    hits = index.search_canonical(base, np.zeros(3), k=5, one_per_volume=False)
+    assert len(hits) == 5 and all(h.canonical_distance_mm <= 8.0 for h in hits)
+    with pytest.raises(InputError, match="canonical position"):
+        index.add_volume(IndexedVolume("x", "", "", 0), np.ones((2, 8)), np.zeros((2, 3)))
+    plain, _ = _filled()
+    with pytest.raises(InputError, match="no canonical positions"):
+        plain.search_canonical(np.ones(16), np.zeros(3))
+
+
+def test_large_builds_spill_to_disk_and_read_the_same(tmp_path):
+    rng = np.random.default_rng(2)
+    index = EmbeddingIndex("ld-test", 16, max_pending_mb=0.05)  # spill after ~50 KB
+    vecs = [_unit(rng, 400, 16) for _ in range(4)]
+    for v, vec in enumerate(vecs):
+        index.add_volume(IndexedVolume(f"v{v}", "", "", 0), vec, rng.uniform(-5, 5, (400, 3)), canonical=rng.uniform(-5, 5, (400, 3)))
+    spill = index._spill_dir
+    assert spill and any(p.suffix == ".npy" for p in __import__("pathlib").Path(spill).iterdir())
+    index.save(tmp_path / "idx")
+    assert index._spill_dir is None and not __import__("os").path.exists(spill)
+    again = EmbeddingIndex.open(tmp_path / "idx")
+    np.testing.assert_allclose(np.asarray(again._vectors[800:1200], np.float32), vecs[2], atol=2e-3)
+    assert again.volume_names() == ["v0", "v1", "v2", "v3"]

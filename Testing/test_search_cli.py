@@ -85,3 +85,47 @@ def test_bad_input(setup, capsys):
     # not an index
     assert main(["search", "--index", str(root), "--image", str(paths[1]), "--volume", *cache]) == 2
     assert "not an AnatSSL index" in capsys.readouterr().err
+
+
+def test_many_points_in_one_run_and_negative_coordinates(setup, capsys, tmp_path, template_2mm):
+    from AnatSSLLib.points import PointSet, write_points
+
+    root, ids, paths = setup
+    cache = ["--cache-dir", str(root / "cache")]
+    idx = str(root / "idx-points")
+    assert main(["index", "build", "--index", idx, "--encoder", "random0", *cache, *map(str, paths)]) == 0
+    capsys.readouterr()
+    lm = template_2mm.landmarks
+    labels = ["AC", "PC", "culmen"]
+    chosen = PointSet(labels=labels, positions=np.array([lm.position(n) for n in labels]))
+    for name in ("q.mrk.json", "q.csv"):
+        write_points(chosen, tmp_path / name, frame="RAS" if name.endswith("json") else "LPS")
+        assert main(["search", "--index", idx, "--image", str(paths[0]), "--points", str(tmp_path / name),
+                     "-k", "2", "--json", *cache]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [r["query"] for r in rows if r["rank"] == 1] == labels  # every point answered, in file order
+        assert all(r["volume"] != "s0/t1" for r in rows)
+    # the same point one at a time gives the batch's answer (negative LPS coordinates: the AC is at L < 0 here)
+    ac = lm.position(labels[0])
+    assert ac[0] < 0 or ac[1] < 0 or ac[2] < 0
+    text = ",".join(f"{v:.4f}" for v in ac)
+    assert main(["search", "--index", idx, "--image", str(paths[0]), "--point", text, "-k", "2", "--json", *cache]) == 0
+    single = json.loads(capsys.readouterr().out)
+    batch = [r for r in rows if r["query"] == labels[0]]
+    assert [r["volume"] for r in single] == [r["volume"] for r in batch]
+    np.testing.assert_allclose([r["position_mm"] for r in single], [r["position_mm"] for r in batch], atol=0.02)
+    assert main(["search", "--index", idx, "--image", str(paths[0]), f"--point={text}", "--index-only", "--json", *cache]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["volume"] in {"s1/t1", "s2/t1"}
+
+
+def test_negative_coordinates_are_values_not_options():
+    from AnatSSLLib.cli import build_parser
+
+    argv = ["search", "--index", "i", "--image", "x", "--point", "-0.3,2.8,-4.9", "-k", "3"]
+    args = build_parser().parse_args(argv)
+    assert args.point == (-0.3, 2.8, -4.9) and args.k == 3
+    assert build_parser().parse_args(argv[:6] + ["-1e1,2,3"]).point == (-10.0, 2.0, 3.0)
+    with pytest.raises(SystemExit):  # an option is still an option
+        build_parser().parse_args(argv[:6] + ["--json"])
+    # `index build` needs no --encoder: the bundled default, as in the other verbs
+    assert build_parser().parse_args(["index", "build", "--index", "i", "v.nii.gz"]).encoder is None

@@ -9,12 +9,28 @@ entry (the normalised mean of its region vectors). Queries:
 - by a label mask on the query volume: the normalised mean embedding over the mask;
 - by a whole volume: its volume-level vector.
 
-A point query can be *refined* with the landmark tool: in each returned volume the answer becomes
-the landmark tool's, the query point carried through the dense embedding correspondence between
-the query volume and that volume (:meth:`LandmarkLocator.carry`; computed once per volume pair,
-then milliseconds). The index ranks the volumes and regions; the refinement places the point.
-Without it, a point query answers with the nearest region entry of each volume, which needs an
-embedding that is unique over the whole brain (measured: it is not yet, see ``benchmarks/README.md``).
+**What makes a point unique: its canonical position.** One 4 mm-smoothed vector is not unique over
+a brain (left and right, repeated cortex): ranking by it alone, the best entry of each volume was
+within 4 mm of the right place a quarter of the time (``benchmarks/README.md``). So each entry
+also carries its *canonical position*, where its place lies in the frame of the index's
+reference volume (the first volume indexed), read through the dense embedding correspondence of
+its volume to the reference (:class:`~AnatSSLLib.tools.correspondence.EmbeddingCorrespondence`:
+global affine, then local matching, then a smooth field; computed once per volume, when it is
+indexed). A point query is carried into the same frame by the query volume's correspondence to
+the reference (once per query volume, then milliseconds per point), and the index ranks the
+entries near that position by ``cosine similarity - |c - c_q|^2 / (2 position_sigma_mm^2)``
+(:meth:`~AnatSSLLib.index.EmbeddingIndex.search_canonical`): the global term says which of the
+look-alikes it is, the local term which place of the neighbourhood, as in SAM's global + local
+matching (Yan et al., IEEE TMI 2022), here paid once per volume instead of once per volume pair.
+A local step then places each answer between the entries (a quadratic fitted to the scores of its
+lattice neighbours in its own volume; microseconds, no volume read). ``canonical="affine"`` keeps
+only the correspondence's affine part, ``"none"`` the vector alone (the index of before); the
+ablation is in ``benchmarks/README.md``.
+
+A point query can also be *refined* with the landmark tool: in each returned volume the answer
+becomes the landmark tool's, the query point carried through the dense embedding correspondence
+between the query volume and that volume (:meth:`LandmarkLocator.carry`; computed once per volume
+pair, then milliseconds; seconds per new volume, so for tens of volumes, not thousands).
 """
 
 from __future__ import annotations
@@ -31,7 +47,11 @@ from ..index import EmbeddingIndex, IndexedVolume, SearchHit
 from ..geometry import sample_unit_vectors as _sample_trilinear
 from .landmarks import LandmarkLocator
 
-__all__ = ["EmbeddingSearch", "region_entries"]
+__all__ = ["EmbeddingSearch", "region_entries", "CANONICAL_MODES"]
+
+#: How entries get their canonical position: the dense correspondence to the reference, only its
+#: affine part, or none (rank by the vector alone).
+CANONICAL_MODES = ("dense", "affine", "none")
 
 
 def region_entries(embedded: EmbeddedVolume, *, grid_mm: float, sigma_mm: float, foreground: float = 0.1):
@@ -53,25 +73,57 @@ def region_entries(embedded: EmbeddedVolume, *, grid_mm: float, sigma_mm: float,
 class EmbeddingSearch:
     """Builds and queries an :class:`~AnatSSLLib.index.EmbeddingIndex` with one encoder.
 
+    The settings are written into a new index (:meth:`new_index`); a query reads them from the
+    index it searches, so any ``EmbeddingSearch`` of the same encoder queries any index the way it
+    was built.
+
     Args:
         store: embeddings of the volumes (shared with the landmark tool).
         grid_mm: distance between region entries.
         sigma_mm: width of the centre-weighted average that makes a region vector.
+        canonical: ``"dense"`` (default), ``"affine"`` or ``"none"``: see the module docstring.
+        position_sigma_mm: width of the Gaussian position term of the ranking.
+        radius_mm: only entries whose canonical position lies this close to the query's are ranked.
+        local_step: place each answer between the entries (the quadratic fit), by default.
     """
 
-    def __init__(self, store: EmbeddingStore, *, grid_mm: float = 4.0, sigma_mm: float = 4.0) -> None:
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        *,
+        grid_mm: float = 4.0,
+        sigma_mm: float = 4.0,
+        canonical: str = "dense",
+        position_sigma_mm: float = 6.0,
+        radius_mm: float = 8.0,
+        local_step: bool = True,
+    ) -> None:
+        if canonical not in CANONICAL_MODES:
+            raise InputError(f"canonical must be one of {', '.join(CANONICAL_MODES)}, got {canonical!r}")
+        if position_sigma_mm <= 0 or radius_mm <= 0:
+            raise InputError(f"position_sigma_mm and radius_mm must be positive, got {position_sigma_mm}, {radius_mm}")
         self.store = store
         self.grid_mm = float(grid_mm)
         self.sigma_mm = float(sigma_mm)
+        self.canonical = canonical
+        self.position_sigma_mm = float(position_sigma_mm)
+        self.radius_mm = float(radius_mm)
+        self.local_step = bool(local_step)
+        self._maps: dict = {}  # (volume key, reference key, mode) -> points -> canonical positions
+        self._reference_keys: dict = {}
 
     @property
     def encoder_id(self) -> str:
         return self.store.encoder.encoder_id
 
+    @property
+    def settings(self) -> dict:
+        return {"grid_mm": self.grid_mm, "sigma_mm": self.sigma_mm, "canonical": self.canonical,
+                "position_sigma_mm": self.position_sigma_mm, "radius_mm": self.radius_mm, "local_step": self.local_step}
+
     def new_index(self, **kwargs) -> EmbeddingIndex:
         dim = int(self.store.encoder.manifest.embedding_dim)
-        settings = {"grid_mm": self.grid_mm, "sigma_mm": self.sigma_mm}
-        return EmbeddingIndex(self.encoder_id, dim, settings=settings, **kwargs)
+        return EmbeddingIndex(self.encoder_id, dim, settings=self.settings, **kwargs)
 
     def check_index(self, index: EmbeddingIndex) -> None:
         if index.encoder_id != self.encoder_id:
@@ -80,6 +132,14 @@ class EmbeddingSearch:
                 "query it with the same encoder or build a new index"
             )
 
+    @staticmethod
+    def _setting(index: EmbeddingIndex, name: str, default):
+        return index.settings.get(name, default)
+
+    def _mode(self, index: EmbeddingIndex) -> str:
+        """The index's canonical mode (``"none"`` for an index built before canonical positions)."""
+        return self._setting(index, "canonical", "none") if index.has_canonical or not len(index) else "none"
+
     def add(
         self,
         index: EmbeddingIndex,
@@ -87,26 +147,75 @@ class EmbeddingSearch:
         names: Sequence[str] | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> None:
-        """Embed ``volumes`` (images or paths) and add their entries to ``index``."""
+        """Embed ``volumes`` (images or paths) and add their entries to ``index``.
+
+        With canonical positions (the index's ``canonical`` setting), the first volume of an empty
+        index becomes its reference; every other volume is matched to it once (seconds).
+        """
         self.check_index(index)
+        grid_mm = float(self._setting(index, "grid_mm", self.grid_mm))
+        sigma_mm = float(self._setting(index, "sigma_mm", self.sigma_mm))
+        mode = self._setting(index, "canonical", "none")
+        if mode != "none" and len(index) and not index.has_canonical:
+            mode = "none"  # an index of before: its entries have no canonical position
         for n, vol in enumerate(volumes):
             image = vol if isinstance(vol, Image) else read_image(vol)
             path = "" if isinstance(vol, Image) else str(Path(vol).resolve())
             name = names[n] if names is not None else _volume_name(vol, image)
-            embedded = self.store.get(image)
-            vectors, positions = region_entries(embedded, grid_mm=self.grid_mm, sigma_mm=self.sigma_mm)
-            index.add_volume(IndexedVolume(name, path, volume_key(image), len(vectors)), vectors, positions)
+            key = volume_key(image)
+            embedded = self.store.get(image, key=key)
+            vectors, positions = region_entries(embedded, grid_mm=grid_mm, sigma_mm=sigma_mm)
+            canonical = None
+            if mode != "none":
+                if index.reference is None:
+                    index.set_reference(image, name)
+                canonical = self.canonical_positions(index, image, positions, key=key)
+            index.add_volume(IndexedVolume(name, path, key, len(vectors)), vectors, positions, canonical)
             if progress is not None:
                 progress((n + 1) / len(volumes))
 
+    # ---- the canonical frame ---------------------------------------------------------------
+    def canonical_positions(self, index: EmbeddingIndex, image: Image, points_lps, key: str | None = None) -> np.ndarray:
+        """``points_lps`` ``(N, 3)`` of ``image`` carried into the index's reference frame (LPS mm).
+
+        The correspondence ``image -> reference`` is computed on first use (seconds: both volumes
+        are embedded, then matched) and kept for the session.
+        """
+        if index.reference is None:
+            raise InputError("this index has no reference volume: it ranks by the vector alone")
+        mode = self._setting(index, "canonical", "dense")
+        key = key or volume_key(image)
+        ref_id = id(index.reference)
+        if ref_id not in self._reference_keys:
+            self._reference_keys = {ref_id: volume_key(index.reference)}  # hashing a volume: once per reference
+        ref_key = self._reference_keys[ref_id]
+        points = np.asarray(points_lps, float).reshape(-1, 3)
+        if key == ref_key:
+            return points.copy()
+        map_key = (key, ref_key, mode)
+        if map_key not in self._maps:
+            from .correspondence import EmbeddingCorrespondence
+
+            corr = EmbeddingCorrespondence(self.store).match(image, index.reference)  # image points -> reference points
+            self._maps[map_key] = corr.transform_points if mode == "dense" else corr.affine_points
+            while len(self._maps) > 4 * self.store.max_volumes:
+                self._maps.pop(next(iter(self._maps)))
+        return self._maps[map_key](points)
+
     # ---- queries ------------------------------------------------------------------------------
-    def point_vector(self, image: Image, point_lps: Sequence[float], key: str | None = None) -> np.ndarray:
-        point = np.asarray(point_lps, dtype=float).reshape(1, -1)
-        if not image.contains(point)[0]:
-            raise InputError(f"query point {point[0].round(2).tolist()} (LPS mm) lies outside {image.name}")
+    def point_vectors(self, image: Image, points_lps, key: str | None = None, sigma_mm: float | None = None) -> np.ndarray:
+        """The region vectors ``(N, D)`` at ``points_lps`` ``(N, 3)`` of ``image``."""
+        points = np.asarray(points_lps, dtype=float).reshape(-1, 3)
+        inside = image.contains(points)
+        if not np.all(inside):
+            bad = points[~inside][0]
+            raise InputError(f"query point {bad.round(2).tolist()} (LPS mm) lies outside {image.name}")
         embedded = self.store.get(image, key=key)
-        kji = embedded.grid.physical_to_index(point)[:, ::-1]
-        return _sample_trilinear(embedded.smoothed_features(self.sigma_mm), kji)[0].numpy()
+        kji = embedded.grid.physical_to_index(points)[:, ::-1]
+        return _sample_trilinear(embedded.smoothed_features(sigma_mm or self.sigma_mm), kji).numpy()
+
+    def point_vector(self, image: Image, point_lps: Sequence[float], key: str | None = None) -> np.ndarray:
+        return self.point_vectors(image, point_lps, key)[0]
 
     def mask_vector(self, image: Image, mask: Image, key: str | None = None) -> np.ndarray:
         if not mask.same_geometry(image):
@@ -136,31 +245,64 @@ class EmbeddingSearch:
         exclude_self: bool = True,
         refine: bool = False,
         locator: LandmarkLocator | None = None,
+        local_step: bool | None = None,
     ) -> list[SearchHit]:
         """Places in the indexed volumes most similar to ``point_lps`` of ``image``.
 
-        With ``refine`` each hit's position becomes the landmark tool's answer in its own volume
-        (read from the path stored in the index; :meth:`LandmarkLocator.carry`), and its score the
-        landmark confidence.
+        On an index with canonical positions the entries are ranked by similarity and canonical
+        position, and each answer placed between the entries by the local step (``local_step``:
+        the index's setting by default); otherwise by similarity alone. With ``refine`` each hit's
+        position becomes the landmark tool's answer in its own volume (read from the path stored in
+        the index; :meth:`LandmarkLocator.carry`), and its score the landmark confidence.
         """
+        return self.search_points(index, image, [point_lps], k=k, one_per_volume=one_per_volume, exclude_self=exclude_self,
+                                  refine=refine, locator=locator, local_step=local_step)[0]
+
+    def search_points(
+        self,
+        index: EmbeddingIndex,
+        image: Image,
+        points_lps,
+        *,
+        k: int = 10,
+        one_per_volume: bool = True,
+        exclude_self: bool = True,
+        refine: bool = False,
+        locator: LandmarkLocator | None = None,
+        local_step: bool | None = None,
+    ) -> list[list[SearchHit]]:
+        """:meth:`search_point` for many points ``(N, 3)`` of one query volume: the volume is
+        embedded and carried into the reference frame once. Returns one hit list per point."""
         self.check_index(index)
         key = volume_key(image)  # once per query: for the store and for the self-exclusion
-        hits = index.search(
-            self.point_vector(image, point_lps, key), k=k, one_per_volume=one_per_volume,
-            exclude_volumes=self._same_volume(index, image, key) if exclude_self else (),
-        )
+        points = np.asarray(points_lps, dtype=float).reshape(-1, 3)
+        vectors = self.point_vectors(image, points, key, float(self._setting(index, "sigma_mm", self.sigma_mm)))
+        exclude = self._same_volume(index, image, key) if exclude_self else ()
+        out = []
+        if self._mode(index) != "none":
+            canonical = self.canonical_positions(index, image, points, key=key)
+            step = bool(self._setting(index, "local_step", True)) if local_step is None else bool(local_step)
+            for vec, can in zip(vectors, canonical):
+                out.append(index.search_canonical(
+                    vec, can, k=k, one_per_volume=one_per_volume, exclude_volumes=exclude,
+                    position_sigma_mm=float(self._setting(index, "position_sigma_mm", self.position_sigma_mm)),
+                    radius_mm=float(self._setting(index, "radius_mm", self.radius_mm)), local_step=step,
+                ))
+        else:
+            for vec in vectors:
+                out.append(index.search(vec, k=k, one_per_volume=one_per_volume, exclude_volumes=exclude))
         if refine:
             locator = locator or LandmarkLocator(self.store)
-            for hit in hits:
-                if not hit.path:
-                    raise InputError(f"cannot refine in {hit.volume}: the index holds no file path for it")
-                target = read_image(hit.path)
-                hit.position, hit.score = locator.carry(image, point_lps, target)
-        return hits
+            for point, hits in zip(points, out):
+                for hit in hits:
+                    if not hit.path:
+                        raise InputError(f"cannot refine in {hit.volume}: the index holds no file path for it")
+                    hit.position, hit.score = locator.carry(image, point, read_image(hit.path))
+        return out
 
     def search_mask(self, index: EmbeddingIndex, image: Image, mask: Image, *, k: int = 10,
                     one_per_volume: bool = True, exclude_self: bool = True) -> list[SearchHit]:
-        """Places most similar to the region ``mask > 0`` of ``image``."""
+        """Places most similar to the region ``mask > 0`` of ``image`` (by the vector alone)."""
         self.check_index(index)
         key = volume_key(image)
         return index.search(self.mask_vector(image, mask, key), k=k, one_per_volume=one_per_volume,
@@ -215,7 +357,10 @@ class EncoderSearch:
         self._index = self.search.new_index()
         self._images = dict(volumes)
         self.search.add(self._index, [img for _, img in volumes], names=[n for n, _ in volumes])
-        self._index.search_vectors(np.zeros(self._index.dim, np.float32), 1)  # build FAISS now: index time, not query time
+        if self._index.has_canonical:  # the spatial table and the query's map: index time, not query time
+            self._index._cell_table()
+        else:
+            self._index.search_vectors(np.zeros(self._index.dim, np.float32), 1)  # build FAISS now
 
     def _hits(self, image: Image, point, k: int, one_per_volume: bool) -> list[tuple[str, np.ndarray, float]]:
         if self._index is None:
