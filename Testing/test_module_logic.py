@@ -23,6 +23,14 @@ from AnatSSLBridge.landmarks import LandmarkPropagator  # noqa: E402
 SHIFT = np.array([6.0, -9.0, 3.0])  # LPS mm, a multiple of the 3 mm encoder grid
 
 
+def _on_moved_lattice(lattice, hit) -> None:
+    """The hit's index entry is a lattice point of the reference moved by SHIFT, and the local step
+    placed the answer within one lattice step (3 mm) of it."""
+    entry = hit.entry_position if getattr(hit, "entry_position", None) is not None else hit.position
+    assert np.min(np.linalg.norm(lattice + SHIFT - entry, axis=1)) < 1e-3
+    assert np.linalg.norm(np.asarray(hit.position) - entry) <= 3.0
+
+
 @pytest.fixture(scope="module")
 def random_encoder(tmp_path_factory):
     import torch
@@ -237,7 +245,7 @@ def test_search_from_point_and_segment_finds_the_moved_copy(scene, store, brain)
     # the hit is an entry of the moved copy: a lattice point of the reference moved by SHIFT (random
     # weights tie hundreds of places at cosine ~1, so which one is not asserted here)
     assert hits[0].score == pytest.approx(1.0, abs=5e-3)
-    assert np.min(np.linalg.norm(lattice + SHIFT - hits[0].position, axis=1)) < 1e-3
+    _on_moved_lattice(lattice, hits[0])
 
     # a region: a small box around AC painted as a segment on the query volume
     box = np.zeros(brain.t1.array.shape, np.uint8)
@@ -248,7 +256,7 @@ def test_search_from_point_and_segment_finds_the_moved_copy(scene, store, brain)
     segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("AC region")
     region_hits = search_from_segment(scene, search, index, reference, seg, segment_id, k=2)
     assert region_hits[0].volume == "moved T1"
-    assert np.min(np.linalg.norm(lattice + SHIFT - region_hits[0].position, axis=1)) < 1e-3
+    _on_moved_lattice(lattice, region_hits[0])
     hits_to_table(scene, region_hits, node=table)  # refilled in place
     assert table.GetTable().GetNumberOfRows() == len(region_hits)
     with pytest.raises(InputError, match="no segment"):
@@ -822,7 +830,7 @@ def test_search_panel_queries_in_a_worker_thread_and_row_jumps(scene, store, bra
         # the moved copy's best place is on the reference lattice moved by SHIFT, with a top score (random
         # weights make many places tie at cosine ~1, so the rank among ties is not asserted)
         hit = next(h for h in hits if h.volume == "moved T1")
-        assert np.min(np.linalg.norm(lattice + SHIFT - hit.position, axis=1)) < 1e-3
+        _on_moved_lattice(lattice, hit)
         assert hit.score == pytest.approx(hits[0].score, abs=1e-3)
     hits, error = answers["volume"]
     assert error is None and [h.volume for h in hits][0] == "moved T1" and len(hits) == 2  # itself left out
