@@ -199,6 +199,20 @@ def describe_event(event: dict) -> str:
     return str(event.get("text", event))
 
 
+
+def kill_process_tree(process) -> None:
+    """Kill ``process`` (a :class:`subprocess.Popen` started in its own process group) and its
+    children now; nothing if it is None or has ended."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        process.kill()
+
 class PretrainJob:
     """One pretraining run in a subprocess.
 
@@ -406,16 +420,7 @@ class PretrainJob:
 
     def kill(self) -> None:
         """Kill the whole process tree now (closing Slicer, or a run that ignores the cancel file)."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        try:
-            if os.name == "nt":
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
-            else:
-                os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            process.kill()
+        kill_process_tree(self._process)
 
     def _kill_after(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s

@@ -30,7 +30,6 @@ import json
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -40,7 +39,7 @@ from typing import Callable
 
 from AnatSSLLib.errors import InputError
 
-from .jobs import TaskCancelled, default_python, library_root
+from .jobs import TaskCancelled, default_python, kill_process_tree, library_root
 
 __all__ = ["ToolWorker", "ToolRequest", "WorkerCrashed", "WorkerError", "VolumeFiles", "bridge_root"]
 
@@ -179,16 +178,7 @@ class ToolWorker:
 
     def kill(self) -> None:
         """Kill the worker's process tree now (its loaded encoders are lost)."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        try:
-            if os.name == "nt":
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
-            else:
-                os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            process.kill()
+        kill_process_tree(self._process)
         # no wait here: the reader thread reaps the process when its output closes
 
     def stop(self) -> None:
